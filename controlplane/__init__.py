@@ -1,0 +1,1 @@
+"""The system of record: tenants, keys, functions, invocations, the usage ledger and bills."""

@@ -1,0 +1,15 @@
+"""Engine and session factory, built from settings (never at import time)."""
+
+from __future__ import annotations
+
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+from lorafaas.settings import DatabaseSettings
+
+
+def make_engine(db: DatabaseSettings) -> AsyncEngine:
+    return create_async_engine(db.url, pool_size=db.pool_size, pool_pre_ping=True)
+
+
+def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return async_sessionmaker(engine, expire_on_commit=False)

@@ -1,0 +1,93 @@
+"""The control plane's consumer of worker events: started, result and usage.
+
+One durable pull consumer over the events stream. Each message is applied in its own
+transaction and acked only after commit; a repeated message is harmless because every
+write is idempotent (guarded state transitions, ``ON CONFLICT DO NOTHING`` usage).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.errors import TimeoutError as NatsTimeout
+from pydantic import ValidationError
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from controlplane.services import invocations, ledger
+from lorafaas.errors import LorafaasError
+from lorafaas.names import Names
+from lorafaas.settings import NatsSettings
+from lorafaas.streams import controlplane_consumer_config
+from lorafaas.wire import InvocationResult, Started, UsageEvent
+
+log = logging.getLogger(__name__)
+
+_DECODERS = {"started": Started, "result": InvocationResult, "usage": UsageEvent}
+
+
+def decode_event(subject: str, data: bytes) -> Started | InvocationResult | UsageEvent:
+    """The event kind is the subject token after ``events``."""
+    kind = subject.split(".events.", 1)[-1].split(".", 1)[0]
+    decoder = _DECODERS.get(kind)
+    if decoder is None:
+        raise ValueError(f"unknown event subject {subject}")
+    return decoder.decode(data)
+
+
+async def apply_event(session: AsyncSession, event: Started | InvocationResult | UsageEvent) -> bool:
+    if isinstance(event, Started):
+        return await invocations.apply_started(session, event)
+    if isinstance(event, InvocationResult):
+        return await invocations.apply_result(session, event)
+    return await ledger.record_usage(session, event)
+
+
+class EventConsumer:
+    """Pulls events and applies them to Postgres until stopped."""
+
+    def __init__(self, js: JetStreamContext, sessions: async_sessionmaker[AsyncSession], names: Names, nats: NatsSettings) -> None:
+        self.js, self.sessions, self.names, self.nats = js, sessions, names, nats
+        self._stopping = asyncio.Event()
+        self.applied = 0
+
+    async def run(self) -> None:
+        config = controlplane_consumer_config(self.names, self.nats)
+        sub = await self.js.pull_subscribe(config.filter_subject, durable=config.durable_name, stream=self.names.events_stream, config=config)
+        try:
+            while not self._stopping.is_set():
+                try:
+                    msgs = await sub.fetch(batch=64, timeout=0.5)
+                except (NatsTimeout, asyncio.TimeoutError):  # nats-py raises either
+                    continue
+                for msg in msgs:
+                    await self.handle(msg)
+        finally:
+            await sub.unsubscribe()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def handle(self, msg: Msg) -> None:
+        try:
+            event = decode_event(msg.subject, msg.data)
+        except (ValueError, ValidationError) as e:
+            log.error("dropping undecodable event on %s: %s", msg.subject, e)
+            await msg.term()
+            return
+        try:
+            async with self.sessions.begin() as session:
+                await apply_event(session, event)
+        except (OperationalError, DBAPIError, OSError) as e:
+            log.warning("database unavailable applying %s, retrying: %s", msg.subject, e)
+            await msg.nak(delay=1.0)
+            return
+        except LorafaasError as e:
+            log.error("refusing event on %s: %s", msg.subject, e.message)
+            await msg.term()
+            return
+        self.applied += 1
+        await msg.ack()

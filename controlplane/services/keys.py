@@ -1,0 +1,114 @@
+"""Tenants and API keys. A key's secret is shown once; only its SHA-256 is stored."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from controlplane.db.models import ApiKey, Tenant, TenantStatus
+from lorafaas.errors import Conflict, Forbidden, NotFound, Unauthenticated
+
+KEY_PREFIX = "lf_"
+ALL_SCOPES = ("invoke", "read-usage", "manage-functions")
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the tenant behind an API key, and what the key may do."""
+
+    tenant_id: str
+    key_id: str
+    scopes: frozenset[str]
+
+    def require(self, scope: str) -> None:
+        if scope not in self.scopes:
+            raise Forbidden(f"this API key lacks the '{scope}' scope", scope=scope)
+
+
+def hash_secret(secret: str) -> str:
+    # Keys carry 192 bits of randomness, so a fast hash is safe and lookups stay O(1).
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+async def create_tenant(session: AsyncSession, name: str) -> Tenant:
+    tenant = Tenant(name=name)
+    session.add(tenant)
+    try:
+        await session.flush()
+    except IntegrityError as e:
+        raise Conflict(f"a tenant named '{name}' already exists", name=name) from e
+    return tenant
+
+
+async def get_tenant(session: AsyncSession, tenant_id: str) -> Tenant:
+    tenant = await session.get(Tenant, tenant_id)
+    if tenant is None:
+        raise NotFound(f"tenant {tenant_id} not found")
+    return tenant
+
+
+async def tenant_by_name(session: AsyncSession, name: str) -> Tenant:
+    tenant = await session.scalar(select(Tenant).where(Tenant.name == name))
+    if tenant is None:
+        raise NotFound(f"tenant '{name}' not found")
+    return tenant
+
+
+async def create_api_key(
+    session: AsyncSession,
+    tenant_id: str,
+    name: str = "",
+    scopes: tuple[str, ...] = ALL_SCOPES,
+    expires_at: datetime | None = None,
+) -> tuple[ApiKey, str]:
+    """Create a key and return it with its secret, which is never retrievable again."""
+    await get_tenant(session, tenant_id)
+    unknown = set(scopes) - set(ALL_SCOPES)
+    if unknown:
+        raise ValueError(f"unknown scopes {sorted(unknown)}; known: {list(ALL_SCOPES)}")
+    secret = KEY_PREFIX + secrets.token_urlsafe(24)
+    key = ApiKey(
+        tenant_id=tenant_id,
+        name=name,
+        prefix=secret[:10],
+        secret_hash=hash_secret(secret),
+        scopes=list(scopes),
+        expires_at=expires_at,
+    )
+    session.add(key)
+    await session.flush()
+    return key, secret
+
+
+async def revoke_api_key(session: AsyncSession, tenant_id: str, key_id: str) -> ApiKey:
+    key = await session.get(ApiKey, key_id)
+    if key is None or key.tenant_id != tenant_id:
+        raise NotFound(f"API key {key_id} not found")
+    key.revoked_at = key.revoked_at or datetime.now(timezone.utc)
+    return key
+
+
+async def authenticate(session: AsyncSession, secret: str | None) -> Principal:
+    """Resolve a bearer secret to its tenant; every failure is the same 401 to the caller."""
+    if not secret:
+        raise Unauthenticated("missing API key: send 'Authorization: Bearer <key>'")
+    row = (
+        await session.execute(
+            select(ApiKey, Tenant.status).join(Tenant, Tenant.id == ApiKey.tenant_id).where(ApiKey.secret_hash == hash_secret(secret))
+        )
+    ).first()
+    now = datetime.now(timezone.utc)
+    if row is None:
+        raise Unauthenticated("invalid API key")
+    key, status = row
+    if key.revoked_at is not None or (key.expires_at is not None and key.expires_at <= now):
+        raise Unauthenticated("this API key is revoked or expired")
+    if status != TenantStatus.ACTIVE:
+        raise Unauthenticated("this tenant is suspended")
+    return Principal(tenant_id=key.tenant_id, key_id=key.id, scopes=frozenset(key.scopes))

@@ -1,0 +1,1 @@
+"""The public HTTP data plane: authenticate, check, publish to JetStream, answer."""

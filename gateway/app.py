@@ -1,0 +1,65 @@
+"""The gateway's app factory: settings in, a FastAPI app with its NATS and database runtime out."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import nats
+from fastapi import FastAPI
+from nats.aio.client import Client as NATS
+
+from controlplane.db.session import make_engine, make_sessionmaker
+from gateway.dispatch import Dispatcher
+from gateway.routes import router
+from gateway.service import InvocationService
+from lorafaas.http_errors import install_error_handlers
+from lorafaas.names import Names
+from lorafaas.settings import Settings
+from lorafaas.streams import ensure_streams
+
+
+@dataclass
+class GatewayRuntime:
+    settings: Settings
+    nc: NATS
+    invocations: InvocationService
+
+
+async def connect_nats(settings: Settings, name: str) -> NATS:
+    return await nats.connect(
+        settings.nats.url,
+        name=name,
+        allow_reconnect=True,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        connect_timeout=2,
+    )
+
+
+def create_app(settings: Settings) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        names = Names(settings.nats.prefix)
+        engine = make_engine(settings.database)
+        nc = await connect_nats(settings, "lorafaas-gateway")
+        js = nc.jetstream()
+        await ensure_streams(js, names)
+        service = InvocationService(make_sessionmaker(engine), Dispatcher(nc, js, names), settings.limits)
+        app.state.runtime = GatewayRuntime(settings, nc, service)
+        try:
+            yield
+        finally:
+            await nc.close()
+            await engine.dispose()
+
+    app = FastAPI(
+        title="lorafaas gateway",
+        version="0.1.0",
+        description="Invoke LoRA functions on shared backbones; pay per token.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(router)
+    return app

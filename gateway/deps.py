@@ -1,0 +1,27 @@
+"""FastAPI dependencies of the gateway, as ``Annotated`` aliases."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from controlplane.services.keys import Principal, authenticate
+from gateway.service import InvocationService
+
+_bearer = HTTPBearer(auto_error=False, description="A tenant API key: 'Authorization: Bearer lf_...'")
+
+
+def _service(request: Request) -> InvocationService:
+    return request.app.state.runtime.invocations
+
+
+async def _principal(request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Principal:
+    service = _service(request)
+    async with service.sessions() as session:
+        return await authenticate(session, credentials.credentials if credentials else None)
+
+
+ServiceDep = Annotated[InvocationService, Depends(_service)]
+PrincipalDep = Annotated[Principal, Depends(_principal)]

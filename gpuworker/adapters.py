@@ -1,0 +1,130 @@
+"""The one owner of every adapter tier: S3 -> local disk -> host memory -> device pool.
+
+Disk is a content-addressed cache (one folder per sha256, checked on download); host
+memory holds parsed ``AdapterWeights`` (pinned on CUDA) in an LRU bounded by bytes; the
+device tier is the engine's paged pool, reached only through the engine thread. A request
+waits only for the tiers its adapter is missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from enum import StrEnum
+from pathlib import Path
+
+from gpuworker.engine import AdapterWeights
+from gpuworker.runner import EngineRunner
+from lorafaas.artifacts import ArtifactStore
+from lorafaas.wire import AdapterRef, AdapterResidency
+
+DEFAULT_HOST_BUDGET_BYTES = 2 * 1024**3
+
+
+class Tier(StrEnum):
+    S3 = "s3"
+    DISK = "disk"
+    HOST = "host"
+    DEVICE = "device"
+
+
+def adapter_key(ref: AdapterRef) -> str:
+    """The engine's id of an adapter: its function and content, so a new version is a new id."""
+    return f"{ref.function_id}:{ref.sha256[:16]}"
+
+
+class AdapterManager:
+    def __init__(
+        self,
+        store: ArtifactStore,
+        cache_dir: Path,
+        runner: EngineRunner,
+        model_config: object,
+        host_budget_bytes: int = DEFAULT_HOST_BUDGET_BYTES,
+        pin_memory: bool = False,
+    ) -> None:
+        self.store, self.runner, self.model_config = store, runner, model_config
+        self.disk_dir = Path(cache_dir) / "adapters"
+        self.disk_dir.mkdir(parents=True, exist_ok=True)
+        self.host: OrderedDict[str, AdapterWeights] = OrderedDict()
+        self.host_budget_bytes = host_budget_bytes
+        self.pin_memory = pin_memory
+        self.refs: dict[str, AdapterRef] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    # --- where things are ------------------------------------------------------------
+    def disk_path(self, ref: AdapterRef) -> Path:
+        return self.disk_dir / ref.sha256
+
+    def tier_of(self, ref: AdapterRef) -> Tier:
+        key = adapter_key(ref)
+        if self.runner.engine.is_resident(key):
+            return Tier.DEVICE
+        if key in self.host:
+            return Tier.HOST
+        if (self.disk_path(ref) / "adapter_config.json").is_file():
+            return Tier.DISK
+        return Tier.S3
+
+    def residency(self) -> list[AdapterResidency]:
+        return [AdapterResidency(function_id=r.function_id, rank=r.rank, tier=self.tier_of(r).value) for r in self.refs.values()]
+
+    def host_bytes(self) -> int:
+        return sum(w.nbytes for w in self.host.values())
+
+    # --- moving down the tiers ---------------------------------------------------------
+    async def ensure_on_device(self, ref: AdapterRef) -> float:
+        """Bring the adapter to the device pool; returns the seconds spent on missing tiers."""
+        key = adapter_key(ref)
+        self.refs[key] = ref
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            if self.runner.engine.is_resident(key):
+                return 0.0
+            started = time.perf_counter()
+            weights = await self._to_host(ref)
+            await self.runner.call(self.runner.engine.load_adapter, key, weights)
+            return time.perf_counter() - started
+
+    async def _to_host(self, ref: AdapterRef) -> AdapterWeights:
+        key = adapter_key(ref)
+        if key in self.host:
+            self.host.move_to_end(key)
+            return self.host[key]
+        folder = self.disk_path(ref)
+        if not (folder / "adapter_config.json").is_file():
+            await asyncio.to_thread(self.store.download, ref.prefix, folder, ref.sha256, ref.bucket)
+        weights = await asyncio.to_thread(AdapterWeights.from_peft_folder, folder, self.model_config)
+        if self.pin_memory:
+            weights = weights.pin_memory()
+        self.host[key] = weights
+        self._trim_host()
+        return weights
+
+    def _trim_host(self) -> None:
+        while self.host_bytes() > self.host_budget_bytes and len(self.host) > 1:
+            self.host.popitem(last=False)
+
+    # --- moving up -------------------------------------------------------------------
+    async def offload(self, ref: AdapterRef) -> bool:
+        """Device -> host: frees the adapter's pages, keeps the host copy for a fast reload."""
+        key = adapter_key(ref)
+        if not self.runner.engine.is_resident(key):
+            return False
+        await self.runner.call(self.runner.engine.offload_adapter, key)
+        return True
+
+    async def evict(self, ref: AdapterRef) -> None:
+        """Drop the adapter from device and host memory (the disk cache stays)."""
+        key = adapter_key(ref)
+        await self.offload(ref)
+        self.host.pop(key, None)
+        self.refs.pop(key, None)
+
+    async def offload_coldest(self, count: int = 1) -> list[str]:
+        """Under pressure: offload the least recently used adapters no request is using."""
+        coldest = (await self.runner.call(self.runner.engine.lru_adapters))[:count]
+        for key in coldest:
+            await self.runner.call(self.runner.engine.offload_adapter, key)
+        return coldest

@@ -1,0 +1,315 @@
+"""``LoraEngine``: continuous batching of many adapters over one shared backbone.
+
+Each ``step()`` retires aborted requests, runs one decode step for every running request
+(one forward pass whatever adapters they use), retires the finished ones, then admits
+waiting requests into free slots and prefills them, each emitting its first token. So
+requests join and leave the batch at token boundaries, and every request gets exactly one
+token per step. The engine is driven from one thread and is not thread-safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from typing import Any, Callable
+
+import torch
+
+from lorafaas.errors import InvalidArtifact
+
+from .adapter_weights import MODULES, AdapterWeights, module_dims
+from .lora_ops import AdapterMeta, LoraBatch, LoraBatchBuilder, StackCache
+from .model import LlamaRunner
+from .pool import PagedAdapterPool, PoolStats
+from .sampling import make_generator, select_tokens
+from .sequence import Detokenizer, Sequence, StopMatcher
+from .types import FINISH_ABORT, EngineRequest, StepOutput
+
+log = logging.getLogger(__name__)
+
+RANK_UNIT = 8  # a page holds 8 ranks of one square (hidden x hidden) module: A and B
+DEFAULT_MAX_SEQ_LEN = 1024
+DEFAULT_POOL_ADAPTERS = 4  # default pool: room for this many rank-128 adapters on every linear module
+
+
+def page_elems_for(config: Any) -> int:
+    """Elements per page: A (8 x hidden) + B (hidden x 8) of one square module."""
+    return RANK_UNIT * 2 * config.hidden_size
+
+
+def default_pool_pages(config: Any) -> int:
+    per_layer = sum(i + o for i, o in module_dims(config).values())
+    numel = 128 * per_layer * config.num_hidden_layers
+    return DEFAULT_POOL_ADAPTERS * -(-numel // page_elems_for(config))
+
+
+class LoraEngine:
+    """Batched multi-LoRA inference on one read-only HF Llama model."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        device: str = "cpu",
+        max_batch: int = 16,
+        pool_pages: int | None = None,
+        max_seq_len: int | None = None,
+    ) -> None:
+        cfg = model.config
+        model_device = next(model.parameters()).device
+        if torch.device(device).type != model_device.type:
+            # The model's placement wins: moving it would make a second copy of the backbone.
+            log.warning("engine device %s differs from the model's %s; using the model's", device, model_device)
+        self.device = model_device
+        self.config = cfg
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.max_seq_len = max_seq_len or min(cfg.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
+        self.runner = LlamaRunner(model, max_batch, self.max_seq_len)
+        self.pool = PagedAdapterPool(
+            pool_pages or default_pool_pages(cfg), page_elems_for(cfg), self.runner.dtype, self.device
+        )
+        self.stacks = StackCache(max_bytes=self.pool.num_pages * self.pool.page_bytes)
+        self.builder = LoraBatchBuilder(cfg.num_hidden_layers, self._meta, self._read_flat, self.stacks, self.device)
+        self.eos_ids = _eos_ids(cfg, tokenizer)
+        self.last_step_s = 0.0
+        self.evicted_on_last_load: list[str] = []
+        # Optional observer of every forward's logits (request ids, [rows, vocab]); tests and the
+        # benchmark use it to compare with PEFT. None costs nothing on the hot path.
+        self.on_logits: Callable[[list[str], torch.Tensor], None] | None = None
+        self._waiting: deque[Sequence] = deque()
+        self._running: list[Sequence] = []  # running[i] occupies KV slot i
+        self._by_id: dict[str, Sequence] = {}
+        self._aborts: set[str] = set()
+        self._rows: tuple[str | None, ...] | None = None  # the decode composition _lora/_positions were built for
+        self._lora: LoraBatch | None = None
+        self._positions: torch.Tensor | None = None
+
+    # -- adapters ---------------------------------------------------------------------------
+    def load_adapter(self, adapter_id: str, weights: AdapterWeights) -> None:
+        """Copy an adapter host -> device pool, evicting LRU unpinned adapters first.
+
+        A resident id is only touched (offload it first to replace its weights).
+        Raises PoolFullError when it cannot fit even after evicting every unpinned adapter.
+        """
+        self.evicted_on_last_load = []
+        if adapter_id in self.pool:
+            self.pool.touch(adapter_id)
+            return
+        self._check_fits_backbone(adapter_id, weights)
+        meta = AdapterMeta(weights.rank, weights.scaling, weights.layout)
+        entry, evicted = self.pool.load(adapter_id, weights.numel, meta)
+        for victim in evicted:
+            self.stacks.invalidate(victim)
+        self.pool.write(entry, weights.flat)
+        self.evicted_on_last_load = evicted
+
+    def offload_adapter(self, adapter_id: str) -> None:
+        """Free an adapter's pages. A no-op if not resident; ValueError while requests use it."""
+        if adapter_id not in self.pool:
+            return
+        self.pool.release(adapter_id)  # raises ValueError if pinned
+        self.stacks.invalidate(adapter_id)
+
+    def is_resident(self, adapter_id: str) -> bool:
+        return adapter_id in self.pool
+
+    def resident_adapters(self) -> dict[str, int]:
+        return {e.adapter_id: e.meta.rank for e in self.pool.entries()}
+
+    def lru_adapters(self) -> list[str]:
+        return self.pool.lru()
+
+    def pool_stats(self) -> PoolStats:
+        return self.pool.stats()
+
+    def _meta(self, adapter_id: str) -> AdapterMeta:
+        return self.pool.entry(adapter_id).meta
+
+    def _read_flat(self, adapter_id: str) -> torch.Tensor:
+        return self.pool.read(self.pool.entry(adapter_id))
+
+    def _check_fits_backbone(self, adapter_id: str, weights: AdapterWeights) -> None:
+        dims = module_dims(self.config)
+        for s in weights.layout:
+            if s.module not in MODULES or s.layer >= self.config.num_hidden_layers or (s.in_features, s.out_features) != dims[s.module]:
+                raise InvalidArtifact(
+                    f"adapter {adapter_id!r} was built for another backbone ({s.module} of layer {s.layer})",
+                    file=weights.source,
+                    tensor=f"layers.{s.layer}.{s.module}",
+                )
+
+    # -- requests ---------------------------------------------------------------------------
+    def add_request(self, req: EngineRequest) -> None:
+        """Queue a request; its adapter must be resident and stays pinned until it finishes."""
+        self._validate(req)
+        if req.adapter_id is not None:
+            self.pool.pin(req.adapter_id)
+        gen = make_generator(req.seed, self.device) if req.temperature > 0 else None
+        seq = Sequence(req, Detokenizer(self.tokenizer), StopMatcher(req.stop), gen)
+        self._waiting.append(seq)
+        self._by_id[req.request_id] = seq
+
+    def _validate(self, req: EngineRequest) -> None:
+        if req.request_id in self._by_id:
+            raise ValueError(f"request {req.request_id!r} is already in the engine")
+        if req.adapter_id is not None and req.adapter_id not in self.pool:
+            raise ValueError(f"adapter {req.adapter_id!r} is not resident; load it first")
+        if not req.prompt_ids:
+            raise ValueError("prompt_ids is empty")
+        if len(req.prompt_ids) >= self.max_seq_len:
+            raise ValueError(f"prompt of {len(req.prompt_ids)} tokens does not fit max_seq_len {self.max_seq_len}")
+        if min(req.prompt_ids) < 0 or max(req.prompt_ids) >= self.config.vocab_size:
+            raise ValueError("prompt_ids holds a token id outside the vocabulary")
+        if req.max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        if not (req.temperature >= 0.0 and math.isfinite(req.temperature)) or not (0.0 < req.top_p <= 1.0):
+            raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
+
+    def abort(self, request_id: str) -> None:
+        """The next step() emits a finished output with finish_reason "abort" (unknown ids are ignored)."""
+        if request_id in self._by_id:
+            self._aborts.add(request_id)
+
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._running)
+
+    def num_running(self) -> int:
+        return len(self._running)
+
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    # -- the loop ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[StepOutput]:
+        """One iteration: aborts, one decode for all running, retire finished, admit + prefill."""
+        start = time.perf_counter()
+        outputs = self._take_aborts()
+        work: dict[str, int] = {}  # tokens each request processed in this step
+        if self._running:
+            outputs += self._decode(work)
+        outputs += self._admit(work)
+        self.last_step_s = time.perf_counter() - start
+        total = sum(work.values())
+        for out in outputs:
+            out.device_s = self.last_step_s * work.get(out.request_id, 0) / total if total else 0.0
+        return outputs
+
+    def _take_aborts(self) -> list[StepOutput]:
+        outputs = []
+        for request_id in sorted(self._aborts):
+            seq = self._by_id.get(request_id)
+            if seq is None:
+                continue
+            if seq in self._waiting:
+                self._waiting.remove(seq)
+            else:
+                self._retire(self._running.index(seq))
+            self._forget(seq)
+            outputs.append(_output(seq, -1, "", FINISH_ABORT, index=len(seq.generated)))
+        self._aborts.clear()
+        return outputs
+
+    def _decode(self, work: dict[str, int]) -> list[StepOutput]:
+        running = self._running
+        rows = tuple(seq.req.adapter_id for seq in running)
+        if rows != self._rows:  # composition changed: regroup by rank, gather stacks (cached), new indices
+            self._lora = self.builder.build(list(rows))
+            self._positions = torch.tensor([seq.length for seq in running], dtype=torch.long, device=self.device)
+            self._rows = rows
+        tokens = torch.tensor([seq.last_token for seq in running], dtype=torch.long, device=self.device)
+        max_len = max(seq.length for seq in running) + 1
+        logits = self.runner.decode(tokens, self._positions, max_len, self._lora)
+        self._positions += 1
+        if self.on_logits is not None:
+            self.on_logits([seq.req.request_id for seq in running], logits)
+        chosen = self._select(logits, running)
+        outputs, finished = [], []
+        for i, (seq, token) in enumerate(zip(running, chosen)):
+            seq.length += 1
+            work[seq.req.request_id] = 1
+            text, reason = seq.append(token, self.eos_ids, self.max_seq_len)
+            outputs.append(_output(seq, token, text, reason))
+            if reason is not None:
+                finished.append(i)
+        for i in reversed(finished):
+            self._forget(self._running[i])
+            self._retire(i)
+        return outputs
+
+    def _admit(self, work: dict[str, int]) -> list[StepOutput]:
+        outputs = []
+        while self._waiting and len(self._running) < self.max_batch:
+            seq = self._waiting.popleft()
+            slot = len(self._running)
+            self._running.append(seq)
+            t0 = time.perf_counter()
+            rows = [seq.req.adapter_id] * len(seq.req.prompt_ids)
+            ids = torch.tensor(seq.req.prompt_ids, dtype=torch.long, device=self.device)
+            logits = self.runner.prefill(slot, ids, self.builder.build(rows))
+            seq.length = len(seq.req.prompt_ids)
+            if self.on_logits is not None:
+                self.on_logits([seq.req.request_id], logits[None])
+            token = self._select(logits[None], [seq])[0]
+            seq.prefill_s = time.perf_counter() - t0
+            work[seq.req.request_id] = seq.length
+            text, reason = seq.append(token, self.eos_ids, self.max_seq_len)
+            out = _output(seq, token, text, reason)
+            out.prefill_s = seq.prefill_s
+            outputs.append(out)
+            if reason is not None:
+                self._forget(seq)
+                self._retire(slot)
+        return outputs
+
+    def _select(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+        temps = [s.req.temperature for s in seqs]
+        top_ps = [s.req.top_p for s in seqs]
+        return select_tokens(logits, temps, top_ps, [s.generator for s in seqs])
+
+    def _retire(self, index: int) -> None:
+        """Free slot ``index``: wipe it, move the last running request into it (slots stay dense)."""
+        seq = self._running[index]
+        last = len(self._running) - 1
+        self.runner.clear_slot(index, seq.length)
+        if index != last:
+            moved = self._running[last]
+            self.runner.move_slot(last, index, moved.length)
+            self.runner.clear_slot(last, moved.length)
+            self._running[index] = moved
+        self._running.pop()
+        self._rows = None  # the composition changed
+
+    def _forget(self, seq: Sequence) -> None:
+        """Drop a finished request's bookkeeping and unpin its adapter."""
+        self._by_id.pop(seq.req.request_id, None)
+        self._aborts.discard(seq.req.request_id)
+        if seq.req.adapter_id is not None:
+            self.pool.unpin(seq.req.adapter_id)
+
+
+def _output(seq: Sequence, token: int, text: str, reason: str | None, index: int | None = None) -> StepOutput:
+    return StepOutput(
+        request_id=seq.req.request_id,
+        token_id=token,
+        text=text,
+        index=len(seq.generated) - 1 if index is None else index,
+        finished=reason is not None,
+        finish_reason=reason,
+        prompt_tokens=len(seq.req.prompt_ids),
+        device_s=0.0,
+    )
+
+
+def _eos_ids(config: Any, tokenizer: Any) -> frozenset[int]:
+    ids: set[int] = set()
+    for value in (getattr(config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return frozenset(ids)

@@ -1,0 +1,186 @@
+"""Our own Llama forward over a Hugging Face model's weights, with a per-slot KV cache.
+
+Reads the HF tensors in place (one copy of the backbone, shared by every adapter) and
+computes exactly what ``LlamaForCausalLM`` computes: RMSNorm in fp32, HF's own rotary
+module for cos/sin (so rope_theta and any rope scaling in the config apply), GQA, SiLU MLP.
+What it adds is a LoRA hook per projection site (see ``lora_ops``) and a preallocated cache
+
+    k_cache, v_cache: [layers, slots, kv_heads, max_seq_len, head_dim]
+
+Running requests occupy slots 0..B-1 (the engine compacts on finish), so decode attention
+reads a view of the first B slots up to the longest length and masks each row by its own
+length: a row never sees another slot's keys, nor stale positions past its own length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .lora_ops import LoraBatch
+
+
+@dataclass
+class LayerWeights:
+    """References (not copies) to one decoder layer's HF tensors."""
+
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    o: torch.Tensor
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+    biases: dict[str, torch.Tensor | None]
+    act: Callable[[torch.Tensor], torch.Tensor]
+
+
+def _base_linear(module: torch.nn.Module) -> torch.nn.Module:
+    # If someone wrapped the model with PEFT, the HF Linear sits in .base_layer; read that.
+    return getattr(module, "base_layer", module)
+
+
+def _layer_weights(layer: torch.nn.Module) -> LayerWeights:
+    attn, mlp = layer.self_attn, layer.mlp
+    linears = {
+        "q": _base_linear(attn.q_proj),
+        "k": _base_linear(attn.k_proj),
+        "v": _base_linear(attn.v_proj),
+        "o": _base_linear(attn.o_proj),
+        "gate": _base_linear(mlp.gate_proj),
+        "up": _base_linear(mlp.up_proj),
+        "down": _base_linear(mlp.down_proj),
+    }
+    return LayerWeights(
+        input_norm=layer.input_layernorm.weight,
+        post_norm=layer.post_attention_layernorm.weight,
+        biases={name: lin.bias for name, lin in linears.items()},
+        act=mlp.act_fn,
+        **{name: lin.weight for name, lin in linears.items()},
+    )
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LlamaRMSNorm: normalise in fp32, cast back, then scale (the same order as HF)."""
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """HF's apply_rotary_pos_emb for one tensor: x * cos + rotate_half(x) * sin."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class LlamaRunner:
+    """Prefill and decode over the shared HF weights and the slot KV cache."""
+
+    def __init__(self, model: torch.nn.Module, num_slots: int, max_seq_len: int) -> None:
+        cfg = model.config
+        base = model.model
+        self.config = cfg
+        self.num_layers = cfg.num_hidden_layers
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.eps = cfg.rms_norm_eps
+        self.embed = base.embed_tokens.weight
+        self.final_norm = base.norm.weight
+        self.lm_head = model.lm_head.weight
+        self.rotary = base.rotary_emb  # HF's module: reads rope_theta / rope_parameters from the config
+        self.layers = [_layer_weights(layer) for layer in base.layers]
+        self.device = self.embed.device
+        self.dtype = self.embed.dtype
+        self.num_slots = num_slots
+        self.max_seq_len = max_seq_len
+        shape = (self.num_layers, num_slots, self.num_kv_heads, max_seq_len, self.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    # -- cache management -------------------------------------------------------------------
+    def move_slot(self, src: int, dst: int, length: int) -> None:
+        """Copy a running request's cache to another slot (compaction after a finish)."""
+        self.k_cache[:, dst, :, :length] = self.k_cache[:, src, :, :length]
+        self.v_cache[:, dst, :, :length] = self.v_cache[:, src, :, :length]
+
+    def clear_slot(self, slot: int, length: int) -> None:
+        """Zero what a finished request left, so no tenant's keys/values linger for the next one."""
+        self.k_cache[:, slot, :, :length].zero_()
+        self.v_cache[:, slot, :, :length].zero_()
+
+    # -- forward ----------------------------------------------------------------------------
+    def prefill(self, slot: int, token_ids: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
+        """Run one request's prompt ([T] ids) into ``slot``; returns the last position's logits [V]."""
+        n = token_ids.shape[0]
+        positions = torch.arange(n, device=self.device)
+        x = self.embed[token_ids]
+        cos, sin = self.rotary(x, positions[None])  # [1, T, D]
+        for i, w in enumerate(self.layers):
+            x = self._layer(i, w, x, lora, lambda q, k, v, i=i: self._prefill_attn(i, slot, q, k, v, cos, sin))
+        return self._logits(x[-1:])[0]
+
+    def decode(self, token_ids: torch.Tensor, positions: torch.Tensor, max_len: int, lora: LoraBatch) -> torch.Tensor:
+        """One token for each of slots 0..B-1. ``positions`` [B] = tokens already cached per slot."""
+        x = self.embed[token_ids]
+        cos, sin = self.rotary(x, positions[:, None])  # [B, 1, D]
+        # Row b may attend to its own positions 0..positions[b] only.
+        mask = (torch.arange(max_len, device=self.device)[None, :] <= positions[:, None])[:, None, None, :]
+        slots = torch.arange(token_ids.shape[0], device=self.device)
+        for i, w in enumerate(self.layers):
+            x = self._layer(
+                i, w, x, lora, lambda q, k, v, i=i: self._decode_attn(i, slots, positions, max_len, mask, q, k, v, cos, sin)
+            )
+        return self._logits(x)
+
+    def _layer(self, i: int, w: LayerWeights, x: torch.Tensor, lora: LoraBatch, attend) -> torch.Tensor:
+        h = rms_norm(x, w.input_norm, self.eps)
+        b = w.biases
+        q, k, v = F.linear(h, w.q, b["q"]), F.linear(h, w.k, b["k"]), F.linear(h, w.v, b["v"])
+        lora.apply(i, "qkv", h, {"q_proj": q, "k_proj": k, "v_proj": v})
+        attn = attend(q, k, v)
+        o = F.linear(attn, w.o, b["o"])
+        lora.apply(i, "o", attn, {"o_proj": o})
+        x = x + o
+        h = rms_norm(x, w.post_norm, self.eps)
+        gate, up = F.linear(h, w.gate, b["gate"]), F.linear(h, w.up, b["up"])
+        lora.apply(i, "gate_up", h, {"gate_proj": gate, "up_proj": up})
+        act = w.act(gate) * up
+        down = F.linear(act, w.down, b["down"])
+        lora.apply(i, "down", act, {"down_proj": down})
+        return x + down
+
+    def _prefill_attn(self, i, slot, q, k, v, cos, sin) -> torch.Tensor:
+        n = q.shape[0]
+        q = rotate(q.view(1, n, self.num_heads, self.head_dim).transpose(1, 2), cos[:, None], sin[:, None])
+        k = rotate(k.view(1, n, self.num_kv_heads, self.head_dim).transpose(1, 2), cos[:, None], sin[:, None])
+        v = v.view(1, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        self.k_cache[i, slot, :, :n] = k[0]
+        self.v_cache[i, slot, :, :n] = v[0]
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.num_heads != self.num_kv_heads)
+        return out.transpose(1, 2).reshape(n, self.num_heads * self.head_dim)
+
+    def _decode_attn(self, i, slots, positions, max_len, mask, q, k, v, cos, sin) -> torch.Tensor:
+        bsz = q.shape[0]
+        q = rotate(q.view(bsz, 1, self.num_heads, self.head_dim).transpose(1, 2), cos[:, None], sin[:, None])
+        k = rotate(k.view(bsz, 1, self.num_kv_heads, self.head_dim).transpose(1, 2), cos[:, None], sin[:, None])
+        v = v.view(bsz, self.num_kv_heads, self.head_dim)
+        # Write each row's new key/value at its own position, then attend over the first B slots.
+        self.k_cache[i][slots, :, positions] = k[:, :, 0]
+        self.v_cache[i][slots, :, positions] = v
+        keys = self.k_cache[i, :bsz, :, :max_len]
+        values = self.v_cache[i, :bsz, :, :max_len]
+        out = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask, enable_gqa=self.num_heads != self.num_kv_heads
+        )
+        return out.transpose(1, 2).reshape(bsz, self.num_heads * self.head_dim)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(rms_norm(x, self.final_norm, self.eps), self.lm_head)

@@ -1,0 +1,345 @@
+"""The worker's NATS side: pull invocations, run them on the engine, publish, then ack.
+
+At-least-once: a message is acked only after its result and usage are stored in JetStream.
+A permanent failure (bad adapter, bad input) is answered with a failed result and ``term``;
+an infrastructure failure is ``nak``-ed with a delay, until the last delivery, which is
+answered as failed so no accepted invocation goes unanswered. Long generations send
+``in_progress`` so AckWait never fires mid-way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js import JetStreamContext
+from pydantic import ValidationError
+
+from gpuworker.adapters import AdapterManager, adapter_key
+from gpuworker.engine import EngineRequest, PoolFullError, StepOutput
+from gpuworker.runner import EngineRunner
+from lorafaas import wire
+from lorafaas.errors import ArtifactIntegrityError, InvalidArtifact, InvalidInput, LorafaasError, NotFound
+from lorafaas.names import MSG_ID_HEADER, Names
+from lorafaas.settings import NatsSettings, WorkerSettings
+from lorafaas.streams import worker_consumer_config
+
+log = logging.getLogger(__name__)
+
+PERMANENT = (InvalidArtifact, ArtifactIntegrityError, InvalidInput, NotFound)
+
+
+@dataclass
+class Running:
+    """One invocation in flight on this worker."""
+
+    invocation: wire.Invocation
+    msg: Msg
+    started_at: datetime
+    load_s: float = 0.0
+    text: list[str] = field(default_factory=list)
+    device_s: float = 0.0
+    prefill_s: float = 0.0
+    generated: int = 0
+    first_token_at: datetime | None = None
+
+
+class WorkerService:
+    def __init__(
+        self,
+        nc: NATS,
+        js: JetStreamContext,
+        names: Names,
+        nats_settings: NatsSettings,
+        settings: WorkerSettings,
+        runner: EngineRunner,
+        adapters: AdapterManager,
+        tokenizer,
+        max_context: int,
+        device: str,
+    ) -> None:
+        self.nc, self.js, self.names, self.nats_settings, self.settings = nc, js, names, nats_settings, settings
+        self.runner, self.adapters, self.tokenizer, self.max_context, self.device = runner, adapters, tokenizer, max_context, device
+        self.inflight: dict[str, Running] = {}
+        self.draining = asyncio.Event()
+        self.started_at = datetime.now(timezone.utc)
+        self._tasks: set[asyncio.Task] = set()
+
+    # --- lifecycle -------------------------------------------------------------------
+    async def run(self) -> None:
+        """Serve until drained: pull loop, command listener, reports and heartbeats."""
+        commands = await self.nc.subscribe(self.names.worker_command_subject(self.settings.worker_id), cb=self._on_command)
+        background = [
+            asyncio.create_task(self._report_loop(), name="reports"),
+            asyncio.create_task(self._heartbeat_loop(), name="heartbeats"),
+        ]
+        try:
+            await self._pull_loop()
+            while self.inflight:  # drain: let running invocations finish
+                await asyncio.sleep(0.05)
+        finally:
+            await commands.unsubscribe()
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+
+    def drain(self) -> None:
+        self.draining.set()
+
+    async def _pull_loop(self) -> None:
+        config = worker_consumer_config(self.names, self.settings.backbone, self.nats_settings)
+        sub = await self.js.pull_subscribe(config.filter_subject, durable=config.durable_name, stream=self.names.invocations_stream, config=config)
+        try:
+            while not self.draining.is_set():
+                room = 2 * self.settings.max_batch - len(self.inflight)
+                if room <= 0:
+                    await asyncio.sleep(0.01)
+                    continue
+                try:
+                    msgs = await sub.fetch(batch=room, timeout=0.25)
+                except (NatsTimeout, asyncio.TimeoutError):  # nats-py raises either
+                    continue
+                for msg in msgs:
+                    self._spawn(self.handle(msg))
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- one invocation: decode / execute / settle ----------------------------------------
+    async def handle(self, msg: Msg) -> None:
+        try:
+            invocation = wire.Invocation.decode(msg.data)
+        except ValidationError as e:
+            log.error("terminating undecodable invocation message: %s", e)
+            await msg.term()
+            return
+        if invocation.invocation_id in self.inflight:  # redelivered while still running here
+            await msg.in_progress()
+            return
+        running = Running(invocation, msg, started_at=datetime.now(timezone.utc))
+        self.inflight[invocation.invocation_id] = running
+        heartbeat = asyncio.create_task(self._keep_alive(msg))
+        try:
+            await self._execute(running)
+        except PERMANENT as e:
+            await self._settle_failed(running, e)
+        except Exception as e:  # infrastructure: retry elsewhere or later
+            await self._retry_or_fail(running, e)
+        finally:
+            heartbeat.cancel()
+            self.inflight.pop(invocation.invocation_id, None)
+
+    async def _execute(self, running: Running) -> None:
+        inv = running.invocation
+        await self._publish(self.names.started_subject(inv.invocation_id), wire.Started(invocation_id=inv.invocation_id, worker_id=self.settings.worker_id), f"started-{inv.invocation_id}")
+        running.load_s = await self._load_adapter(inv.adapter)
+        prompt_ids = self._tokenize(inv)
+        request = EngineRequest(
+            request_id=inv.invocation_id,
+            adapter_id=adapter_key(inv.adapter),
+            prompt_ids=prompt_ids,
+            max_tokens=inv.sampling.max_tokens,
+            temperature=inv.sampling.temperature,
+            top_p=inv.sampling.top_p,
+            seed=inv.sampling.seed,
+            stop=list(inv.sampling.stop),
+        )
+        outputs = await self.runner.submit(request)
+        while True:
+            out = await outputs.get()
+            await self._on_output(running, out)
+            if out.finished:
+                await self._settle_succeeded(running, out)
+                return
+
+    async def _load_adapter(self, ref: wire.AdapterRef) -> float:
+        try:
+            return await self.adapters.ensure_on_device(ref)
+        except PoolFullError:
+            # Contention: make room by offloading the coldest idle adapters, then try once more.
+            await self.adapters.offload_coldest(count=2)
+            return await self.adapters.ensure_on_device(ref)
+
+    def _tokenize(self, inv: wire.Invocation) -> list[int]:
+        ids = self.tokenizer(inv.prompt, add_special_tokens=True)["input_ids"]
+        if len(ids) + inv.sampling.max_tokens > self.max_context:
+            raise InvalidInput(
+                f"prompt of {len(ids)} tokens plus max_tokens={inv.sampling.max_tokens} exceeds the backbone's context of {self.max_context} tokens"
+            )
+        return ids
+
+    async def _on_output(self, running: Running, out: StepOutput) -> None:
+        running.device_s += out.device_s
+        if out.token_id < 0:  # an abort marker, not a generated token
+            return
+        running.generated += 1
+        if running.first_token_at is None:
+            running.first_token_at = datetime.now(timezone.utc)
+            running.prefill_s = out.prefill_s
+        if out.text:
+            running.text.append(out.text)
+            if running.invocation.mode == wire.InvocationMode.STREAM:
+                chunk = wire.TokenChunk(invocation_id=out.request_id, index=out.index, text=out.text)
+                await self.nc.publish(self.names.token_subject(out.request_id), chunk.encode())
+
+    def _timings(self, running: Running, finished: datetime) -> wire.Timings:
+        accepted = running.invocation.accepted_at
+        first = running.first_token_at or finished
+        return wire.Timings(
+            queue_wait_s=max(0.0, (running.started_at - accepted).total_seconds()),
+            load_s=running.load_s,
+            prefill_s=running.prefill_s,
+            ttft_s=max(0.0, (first - accepted).total_seconds()),
+            total_s=max(0.0, (finished - accepted).total_seconds()),
+        )
+
+    async def _settle_succeeded(self, running: Running, last: StepOutput) -> None:
+        inv = running.invocation
+        finished = datetime.now(timezone.utc)
+        completion_tokens = running.generated
+        status = wire.ResultStatus.CANCELLED if last.finish_reason == "abort" else wire.ResultStatus.SUCCEEDED
+        result = wire.InvocationResult(
+            invocation_id=inv.invocation_id,
+            status=status,
+            text="".join(running.text),
+            finish_reason=last.finish_reason,
+            prompt_tokens=last.prompt_tokens,
+            completion_tokens=completion_tokens,
+            worker_id=self.settings.worker_id,
+            timings=self._timings(running, finished),
+            first_token_at=running.first_token_at,
+            finished_at=finished,
+        )
+        usage = wire.UsageEvent(
+            invocation_id=inv.invocation_id,
+            tenant_id=inv.tenant_id,
+            function_id=inv.adapter.function_id,
+            input_tokens=last.prompt_tokens,
+            output_tokens=completion_tokens,
+            device_ns=int(running.device_s * 1e9),
+            worker_id=self.settings.worker_id,
+            finished_at=finished,
+        )
+        await self._publish_outcome(running, result, usage)
+        await running.msg.ack_sync()
+
+    async def _settle_failed(self, running: Running, error: LorafaasError) -> None:
+        inv = running.invocation
+        log.warning("invocation %s failed permanently: %s", inv.invocation_id, error.message)
+        finished = datetime.now(timezone.utc)
+        result = wire.InvocationResult(
+            invocation_id=inv.invocation_id,
+            status=wire.ResultStatus.FAILED,
+            error=error.message,
+            error_code=error.code,
+            worker_id=self.settings.worker_id,
+            timings=self._timings(running, finished),
+            finished_at=finished,
+        )
+        await self._publish_outcome(running, result, None)
+        await running.msg.term()
+
+    async def _retry_or_fail(self, running: Running, error: Exception) -> None:
+        delivered = running.msg.metadata.num_delivered
+        if delivered >= self.nats_settings.max_deliver:
+            log.error("invocation %s failed on its last delivery: %r", running.invocation.invocation_id, error)
+            await self._settle_failed(running, LorafaasError(f"worker error after {delivered} attempts: {error}"))
+            return
+        log.warning("invocation %s hit %r; redelivering (attempt %d)", running.invocation.invocation_id, error, delivered)
+        await running.msg.nak(delay=min(5.0, 0.5 * 2**delivered))
+
+    async def _publish_outcome(self, running: Running, result: wire.InvocationResult, usage: wire.UsageEvent | None) -> None:
+        inv_id = running.invocation.invocation_id
+        await self._publish(self.names.result_subject(inv_id), result, f"result-{inv_id}")
+        if usage is not None:
+            await self._publish(self.names.usage_subject(inv_id), usage, f"usage-{inv_id}")
+
+    async def _publish(self, subject: str, message: wire.WireMessage, msg_id: str) -> None:
+        await self.js.publish(subject, message.encode(), headers={MSG_ID_HEADER: msg_id})
+
+    async def _keep_alive(self, msg: Msg) -> None:
+        interval = max(0.5, self.nats_settings.ack_wait_s / 3)
+        while True:
+            await asyncio.sleep(interval)
+            with contextlib.suppress(Exception):
+                await msg.in_progress()
+
+    # --- commands, reports, heartbeats -----------------------------------------------------
+    async def _on_command(self, msg: Msg) -> None:
+        try:
+            command = wire.WorkerCommand.decode(msg.data)
+        except ValidationError as e:
+            log.error("ignoring malformed worker command: %s", e)
+            return
+        try:
+            await self.execute_command(command)
+            reply = {"ok": True}
+        except Exception as e:  # a bad command must never take the worker down
+            log.warning("command %s failed: %r", command.command, e)
+            reply = {"ok": False, "error": str(e)}
+        if msg.reply:
+            await msg.respond(json.dumps(reply).encode())
+
+    async def execute_command(self, command: wire.WorkerCommand) -> None:
+        if command.command == wire.CommandKind.DRAIN:
+            self.drain()
+            return
+        if command.adapter is None:
+            raise InvalidInput(f"command {command.command} needs an adapter")
+        if command.command == wire.CommandKind.PREFETCH:
+            await self.adapters.ensure_on_device(command.adapter)
+        elif command.command == wire.CommandKind.OFFLOAD:
+            await self.adapters.offload(command.adapter)
+        elif command.command == wire.CommandKind.EVICT:
+            await self.adapters.evict(command.adapter)
+
+    def contention_report(self) -> wire.ContentionReport:
+        pool = self.runner.engine.pool_stats()
+        depth: dict[str, int] = {}
+        for running in self.inflight.values():
+            fid = running.invocation.adapter.function_id
+            depth[fid] = depth.get(fid, 0) + 1
+        stats = self.runner.stats
+        return wire.ContentionReport(
+            worker_id=self.settings.worker_id,
+            backbone=self.settings.backbone,
+            adapters=self.adapters.residency(),
+            pool_pages_used=pool.pages_used,
+            pool_pages_free=pool.pages_free,
+            pool_utilisation=pool.utilisation,
+            queue_depth=depth,
+            running_batch=self.runner.engine.num_running(),
+            tokens_per_s=stats.tokens_per_s(),
+            step_latency_p50_s=stats.percentile(0.5),
+            step_latency_p95_s=stats.percentile(0.95),
+            host_cache_bytes=self.adapters.host_bytes(),
+        )
+
+    async def _report_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.report_interval_s)
+            report = self.contention_report()
+            with contextlib.suppress(Exception):
+                await self.nc.publish(self.names.contention_subject, report.encode())
+            if report.step_latency_p95_s > self.settings.step_latency_target_s and report.pool_pages_free == 0:
+                await self.adapters.offload_coldest(count=1)
+
+    async def _heartbeat_loop(self) -> None:
+        beat = wire.WorkerHeartbeat(worker_id=self.settings.worker_id, backbone=self.settings.backbone, device=self.device, started_at=self.started_at)
+        while True:
+            with contextlib.suppress(Exception):
+                await self.nc.publish(self.names.heartbeat_subject, beat.model_copy(update={"sent_at": datetime.now(timezone.utc)}).encode())
+            await asyncio.sleep(self.settings.heartbeat_interval_s)

@@ -1,0 +1,72 @@
+"""JetStream streams and consumers, declared once and ensured idempotently by every service."""
+
+from __future__ import annotations
+
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import NotFoundError
+
+from lorafaas.names import Names
+from lorafaas.settings import NatsSettings
+
+DUPLICATE_WINDOW_S = 120.0
+EVENTS_MAX_AGE_S = 7 * 24 * 3600.0
+
+
+def stream_configs(names: Names) -> list[StreamConfig]:
+    return [
+        # Work queue: a message leaves the stream once a worker acks it.
+        StreamConfig(
+            name=names.invocations_stream,
+            subjects=[names.invoke_wildcard],
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+            duplicate_window=DUPLICATE_WINDOW_S,
+        ),
+        StreamConfig(
+            name=names.events_stream,
+            subjects=[names.events_wildcard],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_age=EVENTS_MAX_AGE_S,
+            duplicate_window=DUPLICATE_WINDOW_S,
+        ),
+        StreamConfig(
+            name=names.dead_letter_stream,
+            subjects=[f"{names.prefix}.dead.>"],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_age=EVENTS_MAX_AGE_S,
+        ),
+    ]
+
+
+async def ensure_streams(js: JetStreamContext, names: Names) -> None:
+    for config in stream_configs(names):
+        try:
+            await js.stream_info(config.name)
+            await js.update_stream(config)
+        except NotFoundError:
+            await js.add_stream(config)
+
+
+def worker_consumer_config(names: Names, backbone: str, nats: NatsSettings) -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=names.worker_consumer(backbone),
+        filter_subject=names.invoke_subject(backbone),
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=nats.ack_wait_s,
+        max_deliver=nats.max_deliver,
+        deliver_policy=DeliverPolicy.ALL,
+    )
+
+
+def controlplane_consumer_config(names: Names, nats: NatsSettings) -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=names.controlplane_consumer,
+        filter_subject=names.events_wildcard,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=nats.ack_wait_s,
+        max_deliver=-1,  # the ledger must see every event eventually
+        deliver_policy=DeliverPolicy.ALL,
+    )

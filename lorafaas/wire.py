@@ -1,0 +1,182 @@
+"""Messages that cross NATS. Plain pydantic, no torch or SQLAlchemy, each with a schema version.
+
+The gateway publishes an ``Invocation``; a worker answers with ``Started``, ``TokenChunk``
+(core NATS, streaming only), one ``InvocationResult`` and one ``UsageEvent``; the control
+plane consumes results and usage. Workers receive ``WorkerCommand`` and publish
+``ContentionReport`` and ``WorkerHeartbeat``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from enum import StrEnum
+from typing import Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+
+M = TypeVar("M", bound="WireMessage")
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class WireMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    schema_version: int = SCHEMA_VERSION
+
+    def encode(self) -> bytes:
+        return self.model_dump_json().encode()
+
+    @classmethod
+    def decode(cls: type[M], data: bytes) -> M:
+        return cls.model_validate_json(data)
+
+
+class AdapterRef(BaseModel):
+    """Where a function's adapter lives; the worker checks the hash after download."""
+
+    model_config = ConfigDict(frozen=True)
+    function_id: str
+    bucket: str
+    prefix: str
+    sha256: str
+    rank: int
+
+
+class SamplingParams(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    max_tokens: int = Field(ge=1)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list)
+
+
+class InvocationMode(StrEnum):
+    SYNC = "sync"
+    STREAM = "stream"
+    ASYNC = "async"
+
+
+class Invocation(WireMessage):
+    kind: Literal["invocation"] = "invocation"
+    invocation_id: str
+    tenant_id: str
+    backbone: str
+    adapter: AdapterRef
+    prompt: str
+    sampling: SamplingParams
+    mode: InvocationMode = InvocationMode.SYNC
+    accepted_at: datetime = Field(default_factory=utcnow)
+
+
+class Started(WireMessage):
+    kind: Literal["started"] = "started"
+    invocation_id: str
+    worker_id: str
+    started_at: datetime = Field(default_factory=utcnow)
+
+
+class TokenChunk(WireMessage):
+    kind: Literal["token"] = "token"
+    invocation_id: str
+    index: int
+    text: str
+
+
+class Timings(BaseModel):
+    """Where the time to first token went, in seconds."""
+
+    model_config = ConfigDict(frozen=True)
+    queue_wait_s: float = 0.0
+    load_s: float = 0.0
+    prefill_s: float = 0.0
+    ttft_s: float = 0.0
+    total_s: float = 0.0
+
+
+class ResultStatus(StrEnum):
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class InvocationResult(WireMessage):
+    kind: Literal["result"] = "result"
+    invocation_id: str
+    status: ResultStatus
+    text: str = ""
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+    # The domain error code of a failure (lorafaas.errors), so the gateway answers with its status.
+    error_code: str | None = None
+    worker_id: str = ""
+    timings: Timings = Field(default_factory=Timings)
+    first_token_at: datetime | None = None
+    finished_at: datetime = Field(default_factory=utcnow)
+
+
+class UsageEvent(WireMessage):
+    """What one finished invocation consumed; the control plane prices it."""
+
+    kind: Literal["usage"] = "usage"
+    invocation_id: str
+    tenant_id: str
+    function_id: str
+    input_tokens: int = Field(ge=0)
+    output_tokens: int = Field(ge=0)
+    # Device time of the batch steps this request took part in, apportioned by tokens.
+    device_ns: int = Field(default=0, ge=0)
+    worker_id: str = ""
+    finished_at: datetime = Field(default_factory=utcnow)
+
+
+class CommandKind(StrEnum):
+    PREFETCH = "prefetch"
+    OFFLOAD = "offload"
+    EVICT = "evict"
+    DRAIN = "drain"
+
+
+class WorkerCommand(WireMessage):
+    kind: Literal["command"] = "command"
+    command: CommandKind
+    adapter: AdapterRef | None = None
+
+
+class AdapterResidency(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    function_id: str
+    rank: int
+    tier: Literal["s3", "disk", "host", "device"]
+
+
+class ContentionReport(WireMessage):
+    kind: Literal["contention"] = "contention"
+    worker_id: str
+    backbone: str
+    adapters: list[AdapterResidency] = Field(default_factory=list)
+    pool_pages_used: int = 0
+    pool_pages_free: int = 0
+    pool_utilisation: float = 0.0
+    queue_depth: dict[str, int] = Field(default_factory=dict)
+    running_batch: int = 0
+    tokens_per_s: float = 0.0
+    step_latency_p50_s: float = 0.0
+    step_latency_p95_s: float = 0.0
+    host_cache_bytes: int = 0
+    reported_at: datetime = Field(default_factory=utcnow)
+
+
+class WorkerHeartbeat(WireMessage):
+    kind: Literal["heartbeat"] = "heartbeat"
+    worker_id: str
+    backbone: str
+    device: str
+    started_at: datetime
+    sent_at: datetime = Field(default_factory=utcnow)
