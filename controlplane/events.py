@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -49,8 +50,17 @@ async def apply_event(session: AsyncSession, event: Started | InvocationResult |
 class EventConsumer:
     """Pulls events and applies them to Postgres until stopped."""
 
-    def __init__(self, js: JetStreamContext, sessions: async_sessionmaker[AsyncSession], names: Names, nats: NatsSettings) -> None:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        sessions: async_sessionmaker[AsyncSession],
+        names: Names,
+        nats: NatsSettings,
+        on_result: Callable[[InvocationResult], None] | None = None,
+    ) -> None:
         self.js, self.sessions, self.names, self.nats = js, sessions, names, nats
+        # Called after commit for each result that settled an invocation (callbacks hook in here).
+        self.on_result = on_result
         self._stopping = asyncio.Event()
         self.applied = 0
 
@@ -80,7 +90,7 @@ class EventConsumer:
             return
         try:
             async with self.sessions.begin() as session:
-                await apply_event(session, event)
+                settled = await apply_event(session, event)
         except (OperationalError, DBAPIError, OSError) as e:
             log.warning("database unavailable applying %s, retrying: %s", msg.subject, e)
             await msg.nak(delay=1.0)
@@ -91,3 +101,5 @@ class EventConsumer:
             return
         self.applied += 1
         await msg.ack()
+        if settled and self.on_result is not None and isinstance(event, InvocationResult):
+            self.on_result(event)

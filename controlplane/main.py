@@ -1,4 +1,4 @@
-"""The control plane service: event consumer plus its HTTP app (health, and the admin API)."""
+"""The control plane service: event consumer, worker registry and its HTTP app (health, admin and tenant API)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,14 @@ from collections.abc import AsyncIterator
 import nats
 from fastapi import FastAPI
 
+from controlplane.api import admin, tenant
+from controlplane.api.deps import ControlPlaneRuntime
 from controlplane.db.session import make_engine, make_sessionmaker
+from controlplane.callbacks import CallbackDispatcher
+from controlplane.deadletters import DeadLetterMover
 from controlplane.events import EventConsumer
+from controlplane.registry import WorkerRegistry
+from lorafaas.artifacts import ArtifactStore
 from lorafaas.http_errors import install_error_handlers
 from lorafaas.names import Names
 from lorafaas.settings import Settings
@@ -21,7 +27,7 @@ log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings) -> FastAPI:
-    """The control plane's app; its lifespan runs the event consumer beside the HTTP server."""
+    """The control plane's app; its lifespan runs the event consumer and the worker registry beside the HTTP server."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -31,19 +37,31 @@ def create_app(settings: Settings) -> FastAPI:
         js = nc.jetstream()
         names = Names(settings.nats.prefix)
         await ensure_streams(js, names)
-        consumer = EventConsumer(js, sessions, names, settings.nats)
-        task = asyncio.create_task(consumer.run(), name="event-consumer")
-        app.state.sessions, app.state.nc, app.state.consumer = sessions, nc, consumer
+        # Gateway hooks (issue 6): signed callbacks of async results, and the dead-letter mover.
+        callbacks = CallbackDispatcher(sessions, settings.callbacks)
+        consumer = EventConsumer(js, sessions, names, settings.nats, on_result=callbacks.on_result)
+        deadletters = DeadLetterMover(nc, js, names)
+        await deadletters.start()
+        await callbacks.resume()
+        registry = WorkerRegistry(nc, sessions, names, settings.controlplane.worker_dead_after_s)
+        tasks = [asyncio.create_task(consumer.run(), name="event-consumer"), asyncio.create_task(registry.run(), name="worker-registry")]
+        app.state.sessions, app.state.nc, app.state.consumer, app.state.registry = sessions, nc, consumer, registry
+        app.state.runtime = ControlPlaneRuntime(settings, sessions, ArtifactStore(settings.s3), nc, names)
         try:
             yield
         finally:
             consumer.stop()
-            await asyncio.gather(task, return_exceptions=True)
+            registry.stop()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await deadletters.stop()
+            await callbacks.close()
             await nc.close()
             await engine.dispose()
 
     app = FastAPI(title="lorafaas control plane", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
+    app.include_router(admin.router)
+    app.include_router(tenant.router)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict:

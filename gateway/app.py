@@ -10,10 +10,16 @@ import nats
 from fastapi import FastAPI
 from nats.aio.client import Client as NATS
 
-from controlplane.db.session import make_engine, make_sessionmaker
+from controlplane.db.session import make_sessionmaker
+from gateway.db import GuardedSessions, make_gateway_engine
 from gateway.dispatch import Dispatcher
+from gateway.metrics import GatewayMetrics
+from gateway.openai_routes import router as openai_router
+from gateway.quotas import QuotaGuard
 from gateway.routes import router
 from gateway.service import InvocationService
+from gateway.tokens import TokenCounter
+from lorafaas.artifacts import ArtifactStore
 from lorafaas.http_errors import install_error_handlers
 from lorafaas.names import Names
 from lorafaas.settings import Settings
@@ -25,6 +31,7 @@ class GatewayRuntime:
     settings: Settings
     nc: NATS
     invocations: InvocationService
+    metrics: GatewayMetrics
 
 
 async def connect_nats(settings: Settings, name: str) -> NATS:
@@ -39,15 +46,21 @@ async def connect_nats(settings: Settings, name: str) -> NATS:
 
 
 def create_app(settings: Settings) -> FastAPI:
+    metrics = GatewayMetrics()
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         names = Names(settings.nats.prefix)
-        engine = make_engine(settings.database)
+        engine = make_gateway_engine(settings.database)
         nc = await connect_nats(settings, "lorafaas-gateway")
         js = nc.jetstream()
         await ensure_streams(js, names)
-        service = InvocationService(make_sessionmaker(engine), Dispatcher(nc, js, names), settings.limits)
-        app.state.runtime = GatewayRuntime(settings, nc, service)
+        quota_guard = QuotaGuard(settings.controlplane)
+        await quota_guard.listen(nc, names)
+        service = InvocationService(
+            GuardedSessions(make_sessionmaker(engine)), Dispatcher(nc, js, names), settings, TokenCounter(ArtifactStore(settings.s3)), metrics, quota_guard
+        )
+        app.state.runtime = GatewayRuntime(settings, nc, service, metrics)
         try:
             yield
         finally:
@@ -57,9 +70,11 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(
         title="lorafaas gateway",
         version="0.1.0",
-        description="Invoke LoRA functions on shared backbones; pay per token.",
+        description="Invoke LoRA functions on shared backbones; pay per token. Native and OpenAI-compatible APIs.",
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    metrics.install(app)
     app.include_router(router)
+    app.include_router(openai_router)
     return app

@@ -1,87 +1,294 @@
-"""The gateway's invocation service: the steps between an HTTP request and its answer."""
+"""The gateway's invocation service: the steps between an HTTP request and its answer.
+
+accept (check, record, commit) -> publish -> answer by mode:
+sync waits for the result; stream yields tokens then the result; async returns at once.
+An idempotent replay skips accept and publish and answers from the recorded invocation.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.exc import IntegrityError
 
-from controlplane.db.models import Invocation
+from controlplane import callbacks
+from controlplane.db.models import Invocation, InvocationState
 from controlplane.services import catalog, invocations
 from controlplane.services.keys import Principal
-from gateway.dispatch import Dispatcher
-from gateway.schemas import InvocationStatus, InvokeRequest, InvokeResponse, Usage
+from gateway import admission
+from gateway.db import GuardedSessions
+from gateway.dispatch import Dispatcher, Watch
+from gateway.metrics import GatewayMetrics
+from gateway.quotas import QuotaGuard
+from gateway.quotas import QuotaGuard
+from gateway.schemas import CallbackStatus, InvocationStatus, InvokeRequest, InvokeResponse, Usage
+from gateway.tokens import TokenCounter
 from lorafaas import wire
-from lorafaas.errors import InvalidInput, LorafaasError, ServiceUnavailable, error_for_code
-from lorafaas.settings import LimitSettings
+from lorafaas.errors import Conflict, InvocationTimeout, LorafaasError, NotFound, ServiceUnavailable, error_for_code
+from lorafaas.settings import Settings
+
+
+SERVED_TTL_S = 2.0
+
+
+@dataclass
+class Accepted:
+    """An invocation ready to answer: new (to publish) or an idempotent replay of an earlier one."""
+
+    invocation_id: str
+    function: str
+    invocation: wire.Invocation | None  # None for a replay: it was published the first time
+    started: float  # monotonic time of the request, for latency metrics
+
+    @property
+    def replayed(self) -> bool:
+        return self.invocation is None
 
 
 @dataclass
 class InvocationService:
-    sessions: async_sessionmaker[AsyncSession]
+    sessions: GuardedSessions
     dispatcher: Dispatcher
-    limits: LimitSettings
+    settings: Settings
+    tokens: TokenCounter
+    metrics: GatewayMetrics
+    # Tenant quotas (controlplane, issue 5): checked on every accept when present.
+    quotas: QuotaGuard | None = None
+    # (tenant, function name) -> (expiry, resolved function): saves a join per request; a new
+    # adapter version or limit is seen within SERVED_TTL_S.
+    _served: dict[tuple[str, str], tuple[float, catalog.ServedFunction]] = field(default_factory=dict, init=False)
 
-    def _check_limits(self, served: catalog.ServedFunction, req: InvokeRequest) -> None:
-        limit = min(self.limits.max_tokens, served.function.max_tokens or self.limits.max_tokens)
-        if req.max_tokens > limit:
-            raise InvalidInput(f"max_tokens={req.max_tokens} is above this function's limit of {limit}", param="max_tokens")
-        if len(req.prompt) > self.limits.max_prompt_chars:
-            raise InvalidInput(f"prompt has {len(req.prompt)} characters; the limit is {self.limits.max_prompt_chars}", param="prompt")
-        if not req.prompt.strip():
-            raise InvalidInput("prompt is blank; send the text to complete", param="prompt")
+    async def _served_function(self, session, tenant_id: str, name: str) -> catalog.ServedFunction:
+        now = time.monotonic()
+        cached = self._served.get((tenant_id, name))
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        served = await catalog.served_function(session, tenant_id, name)
+        self._served[(tenant_id, name)] = (now + SERVED_TTL_S, served)
+        return served
+    quotas: QuotaGuard | None = None  # tenant quotas (issue 5); None enforces none
 
-    async def accept(self, principal: Principal, function_name: str, req: InvokeRequest, mode: wire.InvocationMode) -> wire.Invocation:
+    # --- accept ------------------------------------------------------------------------
+    async def accept(
+        self,
+        principal: Principal,
+        function_name: str,
+        req: InvokeRequest,
+        idempotency_key: str | None = None,
+        hashed_body: dict | None = None,
+    ) -> Accepted:
         """Check and record the invocation; it is committed before anything is published."""
         principal.require("invoke")
+        self.dispatcher.require_connected()  # fail fast: do not record what cannot be queued
+        started = time.monotonic()
+        digest = admission.request_hash(function_name, hashed_body or req.model_dump(mode="json")) if idempotency_key is not None else None
+        try:
+            return await self._accept(principal, function_name, req, idempotency_key, digest, started)
+        except IntegrityError:
+            # Two requests raced with the same new key: the loser answers with the winner's invocation.
+            return await self._accept(principal, function_name, req, idempotency_key, digest, started)
+
+    async def _accept(
+        self, principal: Principal, function_name: str, req: InvokeRequest, key: str | None, digest: str | None, started: float
+    ) -> Accepted:
         sampling = wire.SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=req.stop)
         async with self.sessions.begin() as session:
-            served = await catalog.served_function(session, principal.tenant_id, function_name)
-            self._check_limits(served, req)
-            row = await invocations.accept(session, served, req.prompt, sampling, mode)
-        return wire.Invocation(
+            served = await self._served_function(session, principal.tenant_id, function_name)
+            if key is not None:
+                replay = await admission.idempotent_replay(session, principal.tenant_id, key, digest, self.settings.limits.idempotency_ttl_s)
+                if replay is not None:
+                    return Accepted(replay.id, function_name, None, started)
+            prompt_tokens = await self.tokens.count(served.backbone.name, served.backbone.uri, req.prompt)
+            admission.check_limits(served, self.settings.limits, req.prompt, req.max_tokens, prompt_tokens)
+            depth, limit = await admission.queue_depth(session, served.function.id), admission.queue_limit(served, self.settings.nats)
+            self.metrics.queue_depth.labels(function=function_name).set(depth)
+            admission.check_queue(served, depth, limit)
+            if self.quotas is not None:
+                await self.quotas.check(session, principal.tenant_id, (prompt_tokens or 0) + req.max_tokens)
+            if self.quotas is not None:  # 402 past the spend cap, 429 past tokens/minute or concurrency
+                await self.quotas.check(session, principal.tenant_id, (prompt_tokens or 0) + req.max_tokens)
+            row = await invocations.accept(session, served, req.prompt, sampling, req.mode, idempotency_key=key, request_hash=digest)
+            if req.callback_url:
+                await callbacks.ensure_secret(session, principal.tenant_id)
+                row.callback_url, row.callback_state, row.callback_attempts = req.callback_url, callbacks.PENDING, []
+        invocation = wire.Invocation(
             invocation_id=row.id,
             tenant_id=principal.tenant_id,
             backbone=served.backbone.name,
             adapter=served.adapter_ref(),
             prompt=req.prompt,
             sampling=sampling,
-            mode=mode,
+            mode=req.mode,
         )
+        return Accepted(row.id, function_name, invocation, started)
 
-    async def _fail_unpublished(self, invocation: wire.Invocation, error: LorafaasError) -> None:
-        failed = wire.InvocationResult(invocation_id=invocation.invocation_id, status=wire.ResultStatus.FAILED, error=error.message)
-        async with self.sessions.begin() as session:
-            await invocations.apply_result(session, failed)
-
-    async def invoke_sync(self, principal: Principal, function_name: str, req: InvokeRequest, timeout_s: float) -> InvokeResponse:
-        invocation = await self.accept(principal, function_name, req, wire.InvocationMode.SYNC)
+    async def _start(self, accepted: Accepted) -> wire.InvocationResult | None:
+        """Publish a new invocation; for a replay, the recorded result if it already finished."""
+        if accepted.replayed:  # the watch is already subscribed: a result published from now on is heard
+            async with self.sessions() as session:
+                row = await session.get(Invocation, accepted.invocation_id)
+            if InvocationState(row.state).terminal:
+                return result_of(row)
+            return await self.dispatcher.published_result(accepted.invocation_id)
         try:
-            result = await self.dispatcher.invoke_and_wait(invocation, timeout_s)
-        except LorafaasError as e:
-            if isinstance(e, ServiceUnavailable):  # never published: nothing will answer it
-                await self._fail_unpublished(invocation, e)
+            await self.dispatcher.publish(accepted.invocation)
+        except ServiceUnavailable as e:  # never published: nothing will answer it
+            await self._fail_unpublished(accepted.invocation_id, e)
             raise
-        if result.status == wire.ResultStatus.FAILED:
-            raise error_for_code(result.error_code, result.error or "the invocation failed", invocation_id=invocation.invocation_id)
-        return InvokeResponse(
-            id=invocation.invocation_id,
-            function=function_name,
-            state=result.status.value,
-            text=result.text,
-            finish_reason=result.finish_reason,
-            usage=Usage(
-                prompt_tokens=result.prompt_tokens,
-                completion_tokens=result.completion_tokens,
-                total_tokens=result.prompt_tokens + result.completion_tokens,
-            ),
-            timings=result.timings,
-        )
+        return None
 
+    async def _fail_unpublished(self, invocation_id: str, error: LorafaasError) -> None:
+        failed = wire.InvocationResult(invocation_id=invocation_id, status=wire.ResultStatus.FAILED, error=error.message)
+        with contextlib.suppress(LorafaasError):
+            async with self.sessions.begin() as session:
+                await invocations.apply_result(session, failed)
+
+    # --- the three modes -----------------------------------------------------------------
+    async def invoke_sync(self, accepted: Accepted, timeout_s: float) -> wire.InvocationResult:
+        """Wait for the result; a failed one raises its domain error, past the timeout a 504."""
+        async with self.dispatcher.watch(accepted.invocation_id) as watch:
+            result = await self._start(accepted) or await watch.result(timeout_s, accepted.invocation_id)
+        self._observe(accepted, result)
+        raise_for_failure(result)
+        return result
+
+    async def invoke_async(self, principal: Principal, accepted: Accepted) -> InvocationStatus:
+        await self._start(accepted)
+        return await self.status(principal, accepted.invocation_id)
+
+    async def open_stream(self, accepted: Accepted, timeout_s: float) -> AsyncIterator[wire.TokenChunk | wire.InvocationResult]:
+        """Publish, then yield tokens as they come and the result last.
+
+        Subscribing and publishing happen here, before the response starts, so a 503 is still
+        an HTTP status; the returned iterator owns the subscription until it is closed.
+        """
+        stack = contextlib.AsyncExitStack()
+        watch = await stack.enter_async_context(self.dispatcher.watch(accepted.invocation_id, tokens=True))
+        try:
+            recorded = await self._start(accepted)
+        except BaseException:
+            await stack.aclose()
+            raise
+        return self._stream(stack, watch, accepted, recorded, timeout_s)
+
+    async def _stream(
+        self, stack: contextlib.AsyncExitStack, watch: Watch, accepted: Accepted, recorded: wire.InvocationResult | None, timeout_s: float
+    ) -> AsyncIterator[wire.TokenChunk | wire.InvocationResult]:
+        async with stack:
+            if recorded is not None:  # an idempotent replay of a finished invocation
+                yield wire.TokenChunk(invocation_id=accepted.invocation_id, index=0, text=recorded.text)
+                yield recorded
+                return
+            streamed: list[str] = []
+            deadline = asyncio.get_running_loop().time() + timeout_s
+            while True:
+                try:
+                    item = await asyncio.wait_for(watch.queue.get(), max(0.0, deadline - asyncio.get_running_loop().time()))
+                except asyncio.TimeoutError as e:
+                    raise InvocationTimeout(f"no result within {timeout_s:g}s; poll GET /v1/invocations/{accepted.invocation_id}", invocation_id=accepted.invocation_id) from e
+                if isinstance(item, wire.TokenChunk):
+                    if not streamed:
+                        self.metrics.ttft.observe(time.monotonic() - accepted.started)
+                    streamed.append(item.text)
+                    yield item
+                    continue
+                # Tokens and the result travel on separate subscriptions: send what the tokens missed.
+                sent = "".join(streamed)
+                if item.text.startswith(sent) and len(item.text) > len(sent):
+                    yield wire.TokenChunk(invocation_id=item.invocation_id, index=len(streamed), text=item.text[len(sent):])
+                self._observe(accepted, item, ttft=False)
+                yield item
+                return
+
+    def _observe(self, accepted: Accepted, result: wire.InvocationResult, ttft: bool = True) -> None:
+        if accepted.replayed:
+            return
+        self.metrics.latency.observe(time.monotonic() - accepted.started)
+        if ttft and result.first_token_at is not None:
+            self.metrics.ttft.observe(result.timings.ttft_s)
+
+    # --- status and cancel -----------------------------------------------------------------
     async def status(self, principal: Principal, invocation_id: str) -> InvocationStatus:
         async with self.sessions() as session:
             row = await invocations.get_for_tenant(session, principal.tenant_id, invocation_id)
+        ttl = self.settings.limits.result_ttl_s
+        if row.finished_at is not None and row.finished_at < datetime.now(timezone.utc) - timedelta(seconds=ttl):
+            raise NotFound(f"the result of invocation {invocation_id} expired; results are kept for {ttl:g}s", invocation_id=invocation_id)
         return status_of(row)
+
+    async def cancel(self, principal: Principal, invocation_id: str) -> InvocationStatus:
+        """Stop a queued or running invocation; only the tokens it produced are billed.
+
+        The cancel marker goes to the cancels stream: a worker running the invocation hears it
+        live and aborts (it settles CANCELLED with the tokens so far); a worker that pulls it
+        later sees the marker and skips it. A still-queued invocation is settled here at once.
+        """
+        principal.require("invoke")
+        self.dispatcher.require_connected()
+        async with self.sessions.begin() as session:
+            row = await invocations.get_for_tenant(session, principal.tenant_id, invocation_id)
+            if InvocationState(row.state).terminal:
+                raise Conflict(f"invocation {invocation_id} already {row.state}; nothing to cancel", state=row.state)
+            row.cancel_requested_at = row.cancel_requested_at or datetime.now(timezone.utc)
+            queued = row.state == InvocationState.QUEUED
+        await self.dispatcher.publish_cancel(invocation_id)
+        # Postgres may still say queued while a worker already runs it: then the worker settles it.
+        if queued and not await self.dispatcher.was_started(invocation_id):
+            await self.dispatcher.publish_result(
+                wire.InvocationResult(invocation_id=invocation_id, status=wire.ResultStatus.CANCELLED, finish_reason="cancelled")
+            )
+        return status_of(row)
+
+    async def functions(self, principal: Principal) -> list[catalog.ServedFunction]:
+        async with self.sessions() as session:
+            return await catalog.list_functions(session, principal.tenant_id)
+
+    async def callback_secret(self, principal: Principal) -> str:
+        async with self.sessions.begin() as session:
+            return await callbacks.ensure_secret(session, principal.tenant_id)
+
+
+def raise_for_failure(result: wire.InvocationResult) -> None:
+    if result.status == wire.ResultStatus.FAILED:
+        raise error_for_code(result.error_code, result.error or "the invocation failed", invocation_id=result.invocation_id)
+
+
+def response_of(accepted: Accepted, result: wire.InvocationResult) -> InvokeResponse:
+    return InvokeResponse(
+        id=accepted.invocation_id,
+        function=accepted.function,
+        state=result.status.value,
+        text=result.text,
+        finish_reason=result.finish_reason,
+        usage=usage_of(result.prompt_tokens, result.completion_tokens),
+        timings=result.timings,
+    )
+
+
+def usage_of(prompt_tokens: int, completion_tokens: int) -> Usage:
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens)
+
+
+def result_of(row: Invocation) -> wire.InvocationResult:
+    """The recorded outcome of a finished invocation, as the wire result a worker sent."""
+    return wire.InvocationResult(
+        invocation_id=row.id,
+        status=wire.ResultStatus(row.state),
+        text=row.result_text or "",
+        finish_reason=row.finish_reason,
+        prompt_tokens=row.prompt_tokens or 0,
+        completion_tokens=row.completion_tokens or 0,
+        error=row.error,
+        worker_id=row.worker_id or "",
+        timings=wire.Timings(**(row.timings or {})),
+        first_token_at=row.first_token_at,
+        finished_at=row.finished_at,
+    )
 
 
 def _iso(value) -> str | None:
@@ -89,13 +296,10 @@ def _iso(value) -> str | None:
 
 
 def status_of(row: Invocation) -> InvocationStatus:
-    usage = None
-    if row.prompt_tokens is not None:
-        usage = Usage(
-            prompt_tokens=row.prompt_tokens,
-            completion_tokens=row.completion_tokens or 0,
-            total_tokens=row.prompt_tokens + (row.completion_tokens or 0),
-        )
+    usage = usage_of(row.prompt_tokens, row.completion_tokens or 0) if row.prompt_tokens is not None else None
+    callback = None
+    if row.callback_url:
+        callback = CallbackStatus(url=row.callback_url, state=row.callback_state or callbacks.PENDING, attempts=row.callback_attempts or [])
     return InvocationStatus(
         id=row.id,
         function_id=row.function_id,
@@ -105,8 +309,10 @@ def status_of(row: Invocation) -> InvocationStatus:
         started_at=_iso(row.started_at),
         first_token_at=_iso(row.first_token_at),
         finished_at=_iso(row.finished_at),
+        cancel_requested_at=_iso(row.cancel_requested_at),
         text=row.result_text,
         finish_reason=row.finish_reason,
         error=row.error,
         usage=usage,
+        callback=callback,
     )

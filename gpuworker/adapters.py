@@ -19,8 +19,6 @@ from gpuworker.runner import EngineRunner
 from lorafaas.artifacts import ArtifactStore
 from lorafaas.wire import AdapterRef, AdapterResidency
 
-DEFAULT_HOST_BUDGET_BYTES = 2 * 1024**3
-
 
 class Tier(StrEnum):
     S3 = "s3"
@@ -41,7 +39,7 @@ class AdapterManager:
         cache_dir: Path,
         runner: EngineRunner,
         model_config: object,
-        host_budget_bytes: int = DEFAULT_HOST_BUDGET_BYTES,
+        host_budget_bytes: int,
         pin_memory: bool = False,
     ) -> None:
         self.store, self.runner, self.model_config = store, runner, model_config
@@ -78,14 +76,16 @@ class AdapterManager:
         """Bring the adapter to the device pool; returns the seconds spent on missing tiers."""
         key = adapter_key(ref)
         self.refs[key] = ref
-        lock = self._locks.setdefault(key, asyncio.Lock())
-        async with lock:
-            if self.runner.engine.is_resident(key):
-                return 0.0
-            started = time.perf_counter()
-            weights = await self._to_host(ref)
-            await self.runner.call(self.runner.engine.load_adapter, key, weights)
-            return time.perf_counter() - started
+        if self.runner.engine.is_resident(key):
+            return 0.0
+        # Timed from here: a request that waits for another request's load of the same
+        # adapter was also delayed by that cold start.
+        started = time.perf_counter()
+        async with self._locks.setdefault(key, asyncio.Lock()):
+            if not self.runner.engine.is_resident(key):
+                weights = await self._to_host(ref)
+                await self.runner.call(self.runner.engine.load_adapter, key, weights)
+        return time.perf_counter() - started
 
     async def _to_host(self, ref: AdapterRef) -> AdapterWeights:
         key = adapter_key(ref)
@@ -103,7 +103,8 @@ class AdapterManager:
         return weights
 
     def _trim_host(self) -> None:
-        while self.host_bytes() > self.host_budget_bytes and len(self.host) > 1:
+        # A budget of 0 keeps nothing on the host: every reload comes from disk (reactive loading).
+        while self.host and self.host_bytes() > self.host_budget_bytes:
             self.host.popitem(last=False)
 
     # --- moving up -------------------------------------------------------------------

@@ -21,6 +21,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
 from pydantic import ValidationError
 
 from gpuworker.adapters import AdapterManager, adapter_key
@@ -50,6 +51,8 @@ class Running:
     prefill_s: float = 0.0
     generated: int = 0
     first_token_at: datetime | None = None
+    # Set by a CancelRequest; checked again after submit, so a cancel racing the start still aborts.
+    cancelled: bool = False
 
 
 class WorkerService:
@@ -77,6 +80,7 @@ class WorkerService:
     async def run(self) -> None:
         """Serve until drained: pull loop, command listener, reports and heartbeats."""
         commands = await self.nc.subscribe(self.names.worker_command_subject(self.settings.worker_id), cb=self._on_command)
+        cancels = await self.nc.subscribe(self.names.cancel_wildcard, cb=self._on_cancel)
         background = [
             asyncio.create_task(self._report_loop(), name="reports"),
             asyncio.create_task(self._heartbeat_loop(), name="heartbeats"),
@@ -87,6 +91,7 @@ class WorkerService:
                 await asyncio.sleep(0.05)
         finally:
             await commands.unsubscribe()
+            await cancels.unsubscribe()
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
@@ -131,6 +136,9 @@ class WorkerService:
             return
         running = Running(invocation, msg, started_at=datetime.now(timezone.utc))
         self.inflight[invocation.invocation_id] = running
+        if await self._cancel_requested(invocation.invocation_id):
+            await self._skip_cancelled(running)
+            return
         heartbeat = asyncio.create_task(self._keep_alive(msg))
         try:
             await self._execute(running)
@@ -158,6 +166,8 @@ class WorkerService:
             stop=list(inv.sampling.stop),
         )
         outputs = await self.runner.submit(request)
+        if running.cancelled:  # the cancel arrived while the adapter loaded
+            await self.runner.abort(inv.invocation_id)
         while True:
             out = await outputs.get()
             await self._on_output(running, out)
@@ -256,6 +266,8 @@ class WorkerService:
         delivered = running.msg.metadata.num_delivered
         if delivered >= self.nats_settings.max_deliver:
             log.error("invocation %s failed on its last delivery: %r", running.invocation.invocation_id, error)
+            inv = running.invocation
+            await self.js.publish(self.names.dead_letter_subject(inv.backbone), running.msg.data, headers={MSG_ID_HEADER: f"dead-{inv.invocation_id}"})
             await self._settle_failed(running, LorafaasError(f"worker error after {delivered} attempts: {error}"))
             return
         log.warning("invocation %s hit %r; redelivering (attempt %d)", running.invocation.invocation_id, error, delivered)
@@ -269,6 +281,41 @@ class WorkerService:
 
     async def _publish(self, subject: str, message: wire.WireMessage, msg_id: str) -> None:
         await self.js.publish(subject, message.encode(), headers={MSG_ID_HEADER: msg_id})
+
+    # --- cancels ---------------------------------------------------------------------------
+    async def _on_cancel(self, msg: Msg) -> None:
+        """A cancel heard live: abort the invocation if it runs here (others ignore it)."""
+        try:
+            invocation_id = wire.CancelRequest.decode(msg.data).invocation_id
+        except ValidationError:
+            return
+        running = self.inflight.get(invocation_id)
+        if running is not None and not running.cancelled:
+            running.cancelled = True
+            self._spawn(self.runner.abort(invocation_id))
+
+    async def _cancel_requested(self, invocation_id: str) -> bool:
+        """Was it cancelled while queued? The marker stays in the cancels stream."""
+        try:
+            await self.js.get_last_msg(self.names.cancels_stream, self.names.cancel_subject(invocation_id))
+            return True
+        except NotFoundError:
+            return False
+        except Exception as e:  # a lookup failure must not lose the invocation: run it
+            log.warning("cancel lookup for %s failed: %r", invocation_id, e)
+            return False
+
+    async def _skip_cancelled(self, running: Running) -> None:
+        """Settle a cancelled-before-start invocation: nothing generated, nothing billed."""
+        inv_id = running.invocation.invocation_id
+        try:
+            result = wire.InvocationResult(
+                invocation_id=inv_id, status=wire.ResultStatus.CANCELLED, finish_reason="cancelled", worker_id=self.settings.worker_id
+            )
+            await self._publish_outcome(running, result, None)  # same msg id as the gateway's: deduplicated
+            await running.msg.ack_sync()
+        finally:
+            self.inflight.pop(inv_id, None)
 
     async def _keep_alive(self, msg: Msg) -> None:
         interval = max(0.5, self.nats_settings.ack_wait_s / 3)
@@ -300,11 +347,25 @@ class WorkerService:
         if command.adapter is None:
             raise InvalidInput(f"command {command.command} needs an adapter")
         if command.command == wire.CommandKind.PREFETCH:
-            await self.adapters.ensure_on_device(command.adapter)
+            await self.prefetch(command.adapter)
         elif command.command == wire.CommandKind.OFFLOAD:
             await self.adapters.offload(command.adapter)
         elif command.command == wire.CommandKind.EVICT:
             await self.adapters.evict(command.adapter)
+
+    async def prefetch(self, ref: wire.AdapterRef) -> None:
+        """Move an adapter down every tier with no request waiting, then run a warm-up pass."""
+        await self._load_adapter(ref)
+        warmup = EngineRequest(
+            request_id=f"warmup-{adapter_key(ref)}-{time.monotonic_ns()}",
+            adapter_id=adapter_key(ref),
+            prompt_ids=[self.tokenizer.bos_token_id or 0],
+            max_tokens=1,
+            ignore_eos=True,
+        )
+        outputs = await self.runner.submit(warmup)
+        while not (await outputs.get()).finished:
+            pass
 
     def contention_report(self) -> wire.ContentionReport:
         pool = self.runner.engine.pool_stats()

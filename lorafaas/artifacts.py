@@ -78,8 +78,12 @@ class ArtifactStore:
         if not self.client.bucket_exists(self.bucket):
             self.client.make_bucket(self.bucket)
 
-    def upload_files(self, files: list[Path], prefix: str | None = None, tenant_id: str | None = None) -> StoredArtifact:
-        """Store files under ``prefix`` (or the tenant's content-addressed adapter prefix)."""
+    def upload_files(self, files: list[Path], prefix: str | None = None, tenant_id: str | None = None, progress: object | None = None) -> StoredArtifact:
+        """Store files under ``prefix`` (or the tenant's content-addressed adapter prefix).
+
+        ``progress`` is a minio progress object (``set_meta(object_name, total_length)`` and
+        ``update(size)``), e.g. the CLI's progress bar for large uploads.
+        """
         hashes = {p.name: file_sha256(p) for p in files}
         sha = folder_digest(hashes)
         if prefix is None:
@@ -89,14 +93,14 @@ class ArtifactStore:
         size = 0
         for path in files:
             size += path.stat().st_size
-            self.client.fput_object(self.bucket, f"{prefix}/{path.name}", str(path))
+            self.client.fput_object(self.bucket, f"{prefix}/{path.name}", str(path), progress=progress)
         manifest = json.dumps({"sha256": sha, "files": hashes}, indent=2).encode()
         # The manifest goes last: its presence means the upload is complete.
         self.client.put_object(self.bucket, f"{prefix}/{MANIFEST}", io.BytesIO(manifest), len(manifest))
         return StoredArtifact(self.bucket, prefix, sha, size, hashes)
 
-    def upload_adapter(self, folder: Path, tenant_id: str) -> StoredArtifact:
-        return self.upload_files(adapter_files(folder), tenant_id=tenant_id)
+    def upload_adapter(self, folder: Path, tenant_id: str, progress: object | None = None) -> StoredArtifact:
+        return self.upload_files(adapter_files(folder), tenant_id=tenant_id, progress=progress)
 
     def upload_folder(self, folder: Path, prefix: str) -> StoredArtifact:
         return self.upload_files(sorted(p for p in Path(folder).iterdir() if p.is_file()), prefix=prefix)

@@ -64,10 +64,32 @@ def _backbone_register(settings: Settings, args: argparse.Namespace) -> None:
     print(f"backbone {args.name} registered at {uri}")
 
 
+class _UploadProgress:
+    """A rich progress bar fed by minio's progress protocol (called from the upload thread)."""
+
+    def __init__(self, progress, total: int) -> None:
+        self.progress = progress
+        self.task = progress.add_task("validating", total=total)
+
+    def set_meta(self, object_name: str, total_length: int) -> None:
+        self.progress.update(self.task, description=f"uploading {object_name.rsplit('/', 1)[-1]}")
+
+    def update(self, size: int) -> None:
+        self.progress.advance(self.task, size)
+
+
 def _function_register(settings: Settings, args: argparse.Namespace) -> None:
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    from lorafaas.artifacts import adapter_files
     from lorafaas.platform import register_function
 
-    served = asyncio.run(register_function(settings, args.tenant_id, args.name, args.backbone, Path(args.adapter), args.price_input, args.price_output))
+    folder = Path(args.adapter)
+    total = sum(p.stat().st_size for p in adapter_files(folder))
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    with Progress(*columns, transient=True) as bar:
+        progress = _UploadProgress(bar, total)
+        served = asyncio.run(register_function(settings, args.tenant_id, args.name, args.backbone, folder, args.price_input, args.price_output, progress))
     a = served.artifact
     print(f"function {served.function.name} ({served.function.id}) version {a.version} rank {a.rank} sha256 {a.sha256}")
 

@@ -9,6 +9,7 @@ import contextlib
 import statistics
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
@@ -16,7 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from controlplane.services.ledger import picousd_to_usd, usage_totals
+from controlplane.services.ledger import UsageTotals, monthly_bill, picousd_to_usd, usage_totals
 from lorafaas import trace
 from lorafaas.devstack import DevStack
 from lorafaas.platform import admin, create_tenant_with_key, prepare, publish_backbone, register_function
@@ -128,18 +129,28 @@ def _pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
 
 
-async def _billed(settings: Settings, tenant_id: str, ids: list[str], timeout_s: float = 30.0):
-    """Wait for the control plane to record every invocation's usage, then sum the records."""
+@dataclass(frozen=True)
+class Billing:
+    run: UsageTotals  # this run's invocations
+    all_records: UsageTotals  # every usage record of the demo tenant
+    month_bill_picousd: int  # this month's bill total, computed per function and summed
+
+
+async def _billed(settings: Settings, tenant_id: str, ids: list[str], timeout_s: float = 30.0) -> Billing:
+    """Wait for the control plane to record every invocation's usage, then sum the records
+    and the month's bill, which must agree to the pico-dollar."""
     deadline = time.monotonic() + timeout_s
     while True:
         async with admin(settings) as a:
             totals = await usage_totals(a.session, tenant_id, ids)
-        if totals.records >= len(ids) or time.monotonic() > deadline:
-            return totals
+            if totals.records >= len(ids) or time.monotonic() > deadline:
+                now = datetime.now(timezone.utc)
+                bill = await monthly_bill(a.session, tenant_id, now.year, now.month)
+                return Billing(totals, await usage_totals(a.session, tenant_id), bill.total_picousd)
         await asyncio.sleep(0.5)
 
 
-def summary_table(outcomes: list[Outcome], wall_s: float, totals) -> Table:
+def summary_table(outcomes: list[Outcome], wall_s: float, billing: Billing) -> Table:
     ok = [o for o in outcomes if o.status == 200]
     ttft = [o.ttft_s for o in ok]
     e2e = [o.e2e_s for o in ok]
@@ -153,9 +164,11 @@ def summary_table(outcomes: list[Outcome], wall_s: float, totals) -> Table:
         ("TTFT p50 / p99 (s)", f"{_pct(ttft, 50):.3f} / {_pct(ttft, 99):.3f}"),
         ("end-to-end p50 / p99 (s)", f"{_pct(e2e, 50):.3f} / {_pct(e2e, 99):.3f}"),
         ("output tokens/s", f"{tokens / wall_s:.1f}"),
-        ("usage records", f"{totals.records}"),
-        ("tokens billed (in / out)", f"{totals.input_tokens} / {totals.output_tokens}"),
-        ("amount billed (USD)", f"{picousd_to_usd(totals.amount_picousd)}"),
+        ("usage records (this run)", f"{billing.run.records}"),
+        ("tokens billed (in / out)", f"{billing.run.input_tokens} / {billing.run.output_tokens}"),
+        ("amount billed this run (USD)", f"{picousd_to_usd(billing.run.amount_picousd)}"),
+        ("demo tenant: month's bill (USD)", f"{picousd_to_usd(billing.month_bill_picousd)}"),
+        ("demo tenant: sum of all usage records (USD)", f"{picousd_to_usd(billing.all_records.amount_picousd)}"),
     ]
     for k, v in rows:
         table.add_row(k, v)
@@ -187,8 +200,8 @@ async def run_demo(settings: Settings, options: DemoOptions) -> None:
         base_url = f"http://{settings.gateway_host}:{settings.gateway_port}"
         outcomes, wall = await replay(base_url, setup.api_key, setup.functions, requests, options.seed)
         ids = [o.invocation_id for o in outcomes if o.invocation_id]
-        totals = await _billed(settings, setup.tenant_id, ids)
-    Console().print(summary_table(outcomes, wall, totals))
+        billing = await _billed(settings, setup.tenant_id, ids)
+    Console().print(summary_table(outcomes, wall, billing))
     failures = [o for o in outcomes if o.status != 200]
     for o in failures[:5]:
         console.print(f"[red]failed[/red] status={o.status}: {o.error}")

@@ -45,7 +45,7 @@ def status_of(exc: errors.LorafaasError) -> int:
 
 async def _domain_error(_: Request, exc: errors.LorafaasError) -> JSONResponse:
     status = status_of(exc)
-    headers = {}
+    headers = {str(k): str(v) for k, v in (getattr(exc, "headers", None) or {}).items()}
     retry_after = getattr(exc, "retry_after_s", None)
     if retry_after is not None:
         headers["Retry-After"] = str(max(1, round(retry_after)))

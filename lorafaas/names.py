@@ -10,6 +10,11 @@ from dataclasses import dataclass
 
 MSG_ID_HEADER = "Nats-Msg-Id"
 SCHEMA_HEADER = "Lorafaas-Schema"
+# Callbacks: "t=<unix seconds>,v1=<hex HMAC-SHA256 of '<t>.<body>'>" under the tenant's secret.
+SIGNATURE_HEADER = "Lorafaas-Signature"
+CALLBACK_ID_HEADER = "Lorafaas-Invocation-Id"
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+DEAD_REASON_HEADER = "Lorafaas-Dead-Reason"
 
 
 def _token(value: str) -> str:
@@ -33,6 +38,10 @@ class Names:
     @property
     def dead_letter_stream(self) -> str:
         return f"{_token(self.prefix).upper()}_DEAD"
+
+    @property
+    def cancels_stream(self) -> str:
+        return f"{_token(self.prefix).upper()}_CANCELS"
 
     # --- subjects ------------------------------------------------------------------
     def invoke_subject(self, backbone: str) -> str:
@@ -60,6 +69,18 @@ class Names:
         """Core NATS (not persisted): streamed tokens of one invocation."""
         return f"{self.prefix}.tokens.{invocation_id}"
 
+    def cancel_subject(self, invocation_id: str) -> str:
+        """Kept in the cancels stream, and heard live by every worker on core NATS."""
+        return f"{self.prefix}.cancel.{invocation_id}"
+
+    @property
+    def cancel_wildcard(self) -> str:
+        return f"{self.prefix}.cancel.>"
+
+    def max_deliveries_advisory(self, stream: str) -> str:
+        """JetStream's advisory when a message of ``stream`` exhausted MaxDeliver on any consumer."""
+        return f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.*"
+
     def dead_letter_subject(self, backbone: str) -> str:
         return f"{self.prefix}.dead.{_token(backbone)}"
 
@@ -73,6 +94,11 @@ class Names:
     @property
     def heartbeat_subject(self) -> str:
         return f"{self.prefix}.heartbeat"
+
+    @property
+    def quota_changed_subject(self) -> str:
+        """Core NATS: a tenant's quota or status changed; gateways drop their cached copy."""
+        return f"{self.prefix}.controlplane.quota_changed"
 
     # --- consumers -----------------------------------------------------------------
     def worker_consumer(self, backbone: str) -> str:

@@ -53,7 +53,7 @@ async def publish_backbone(settings: Settings, name: str, folder: Path, price_in
     prefix = backbone_prefix(name)
     await asyncio.to_thread(store.upload_folder, folder, prefix)
     config = json.loads((Path(folder) / "config.json").read_text())
-    shape = {k: config.get(k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size")}
+    shape = catalog.backbone_shape(config)
     uri = f"s3://{store.bucket}/{prefix}"
     async with admin(settings) as a:
         await catalog.register_backbone(a.session, name, uri, shape, config.get("max_position_embeddings", 2048), price_in, price_out)
@@ -73,10 +73,19 @@ async def create_tenant_with_key(settings: Settings, name: str, expires_in_days:
 
 
 async def register_function(
-    settings: Settings, tenant_id: str, name: str, backbone: str, adapter_dir: Path, price_in: int | None, price_out: int | None
+    settings: Settings,
+    tenant_id: str,
+    name: str,
+    backbone: str,
+    adapter_dir: Path,
+    price_in: int | None,
+    price_out: int | None,
+    progress: object | None = None,
 ) -> catalog.ServedFunction:
     async with admin(settings) as a:
-        return await catalog.register_function(a.session, a.store, settings.limits, tenant_id, name, backbone, adapter_dir, price_in, price_out)
+        return await catalog.register_function(
+            a.session, a.store, settings.limits, tenant_id, name, backbone, adapter_dir, price_in, price_out, progress=progress
+        )
 
 
 async def bill(settings: Settings, tenant_id: str, year: int, month: int) -> ledger.Bill:

@@ -44,6 +44,19 @@ class LimitSettings(BaseModel):
     sync_timeout_s: float = 60.0
     max_adapter_rank: int = 128
     max_adapter_bytes: int = 512 * 1024 * 1024
+    # How long a finished invocation's result stays readable on GET /v1/invocations/{id}.
+    result_ttl_s: float = 7 * 24 * 3600.0
+    # An Idempotency-Key names the same invocation for this long, then may be reused.
+    idempotency_ttl_s: float = 24 * 3600.0
+
+
+class CallbackSettings(BaseModel):
+    """Delivery of async results to the caller's URL: exponential backoff with jitter."""
+
+    max_attempts: int = 6
+    base_delay_s: float = 0.5
+    max_delay_s: float = 60.0
+    timeout_s: float = 5.0
 
 
 class WorkerSettings(BaseModel):
@@ -56,9 +69,22 @@ class WorkerSettings(BaseModel):
     max_batch: int = 16
     # Pool pages of the paged adapter memory; 0 lets the engine size the pool itself.
     pool_pages: int = 0
+    # Host-memory tier of parsed adapters; 0 disables it (every device reload reads disk).
+    host_cache_bytes: int = 2 * 1024**3
     report_interval_s: float = 1.0
     step_latency_target_s: float = 0.5
     heartbeat_interval_s: float = 5.0
+
+
+class ControlPlaneSettings(BaseModel):
+    # A worker silent for longer than this is marked dead in the registry.
+    worker_dead_after_s: float = 15.0
+    # Platform cost of device time: integer micro-dollars per device-hour (a public on-demand GPU price).
+    device_price_micros_per_hour: int = 2_500_000
+    # Safety net beside NATS invalidation: a gateway re-reads a tenant's quota at least this often.
+    quota_cache_ttl_s: float = 5.0
+    # Invocations accepted longer ago than this no longer count as in flight for concurrency quotas.
+    in_flight_horizon_s: float = 900.0
 
 
 class Settings(BaseSettings):
@@ -77,6 +103,8 @@ class Settings(BaseSettings):
     s3: S3Settings = Field(default_factory=S3Settings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    callbacks: CallbackSettings = Field(default_factory=CallbackSettings)
+    controlplane: ControlPlaneSettings = Field(default_factory=ControlPlaneSettings)
 
     @model_validator(mode="after")
     def _refuse_default_secrets(self) -> "Settings":

@@ -81,6 +81,16 @@ class PlatformProcesses:
         proc.kill()
         proc.wait()
 
+    def stop_one(self, name: str, timeout_s: float = 15) -> None:
+        """SIGTERM one process (a worker drains its running invocations), SIGKILL after the timeout."""
+        proc = self.procs.pop(name)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
     def stop_all(self, timeout_s: float = 15) -> None:
         for proc in self.procs.values():
             if proc.poll() is None:

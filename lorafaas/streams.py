@@ -31,6 +31,15 @@ def stream_configs(names: Names) -> list[StreamConfig]:
             max_age=EVENTS_MAX_AGE_S,
             duplicate_window=DUPLICATE_WINDOW_S,
         ),
+        # One cancel marker per invocation, checked by a worker before it starts one.
+        StreamConfig(
+            name=names.cancels_stream,
+            subjects=[names.cancel_wildcard],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_msgs_per_subject=1,
+            max_age=EVENTS_MAX_AGE_S,
+        ),
         StreamConfig(
             name=names.dead_letter_stream,
             subjects=[f"{names.prefix}.dead.>"],

@@ -2,7 +2,7 @@
 
 The gateway publishes an ``Invocation``; a worker answers with ``Started``, ``TokenChunk``
 (core NATS, streaming only), one ``InvocationResult`` and one ``UsageEvent``; the control
-plane consumes results and usage. Workers receive ``WorkerCommand`` and publish
+plane consumes results and usage. The gateway publishes ``CancelRequest`` to stop one. Workers receive ``WorkerCommand`` and publish
 ``ContentionReport`` and ``WorkerHeartbeat``.
 """
 
@@ -134,6 +134,18 @@ class UsageEvent(WireMessage):
     device_ns: int = Field(default=0, ge=0)
     worker_id: str = ""
     finished_at: datetime = Field(default_factory=utcnow)
+
+
+class CancelRequest(WireMessage):
+    """Stop an invocation: a worker running it aborts; a worker about to start it skips it.
+
+    Published to the cancels stream (kept, so a worker that pulls the invocation later sees
+    it) and thereby also to core NATS subscribers of the cancel subject.
+    """
+
+    kind: Literal["cancel"] = "cancel"
+    invocation_id: str
+    requested_at: datetime = Field(default_factory=utcnow)
 
 
 class CommandKind(StrEnum):

@@ -63,6 +63,9 @@ class Tenant(Base):
     max_concurrency: Mapped[int | None] = mapped_column(Integer)
     monthly_spend_cap_picousd: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+    suspended_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    # Signs callbacks (HMAC-SHA256); made on first use, shown to the tenant on GET /v1/callbacks/secret.
+    callback_secret: Mapped[str | None] = mapped_column(String(64))
 
 
 class ApiKey(Base):
@@ -89,6 +92,11 @@ class Backbone(Base):
     max_context: Mapped[int] = mapped_column(Integer, default=2048)
     default_price_input_micros_per_1m: Mapped[int] = mapped_column(BigInteger, default=0)
     default_price_output_micros_per_1m: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Limits a new function on this backbone gets unless the operator sets its own.
+    default_max_tokens: Mapped[int | None] = mapped_column(Integer)
+    default_max_queue: Mapped[int | None] = mapped_column(Integer)
+    # Other names the base model is known by (a Hub id); adapter_config.json may name any of them.
+    aliases: Mapped[list[str]] = mapped_column(JSON, default=list, server_default="[]")
     created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
 
 
@@ -135,6 +143,8 @@ class Invocation(Base):
     __table_args__ = (
         Index("ix_invocations_tenant_accepted", "tenant_id", "accepted_at"),
         Index("ix_invocations_function_state", "function_id", "state"),
+        # Quota checks count a tenant's in-flight invocations on every accept.
+        Index("ix_invocations_tenant_state", "tenant_id", "state"),
         UniqueConstraint("tenant_id", "idempotency_key", name="uq_invocations_idempotency"),
     )
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
@@ -160,6 +170,11 @@ class Invocation(Base):
     timings: Mapped[dict | None] = mapped_column(JSON)
     error: Mapped[str | None] = mapped_column(Text)
     worker_id: Mapped[str | None] = mapped_column(String(128))
+    # Async callbacks: where to POST the result, pending|delivered|failed, and every attempt.
+    callback_url: Mapped[str | None] = mapped_column(Text)
+    callback_state: Mapped[str | None] = mapped_column(String(16), index=True)
+    callback_attempts: Mapped[list[dict] | None] = mapped_column(JSON)
+    cancel_requested_at: Mapped[datetime | None] = mapped_column(Timestamp)
 
 
 class UsageRecord(Base):
@@ -189,3 +204,4 @@ class Worker(Base):
     status: Mapped[str] = mapped_column(String(16), default="alive")
     started_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
     last_heartbeat_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+    dead_at: Mapped[datetime | None] = mapped_column(Timestamp)

@@ -6,12 +6,14 @@ UPDATE, so a repeated event (JetStream redelivery, a second worker) changes noth
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controlplane.db.models import Invocation, InvocationState
 from controlplane.services.catalog import ServedFunction
-from lorafaas.errors import NotFound
+from lorafaas.errors import InvalidInput, NotFound
 from lorafaas.wire import InvocationMode, InvocationResult, SamplingParams, Started
 
 TERMINAL = [InvocationState.SUCCEEDED, InvocationState.FAILED, InvocationState.CANCELLED]
@@ -80,3 +82,27 @@ async def apply_result(session: AsyncSession, event: InvocationResult) -> bool:
         )
     )
     return result.rowcount == 1
+
+
+async def list_for_tenant(
+    session: AsyncSession,
+    tenant_id: str,
+    function_id: str | None = None,
+    state: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: int = 50,
+) -> list[Invocation]:
+    """The tenant's invocations, newest first; only ever its own rows, whatever the filters."""
+    if state is not None and state not in {s.value for s in InvocationState}:
+        raise InvalidInput(f"state must be one of {[s.value for s in InvocationState]}, got {state!r}", param="state")
+    query = select(Invocation).where(Invocation.tenant_id == tenant_id)
+    if function_id is not None:
+        query = query.where(Invocation.function_id == function_id)
+    if state is not None:
+        query = query.where(Invocation.state == state)
+    if since is not None:
+        query = query.where(Invocation.accepted_at >= since)
+    if until is not None:
+        query = query.where(Invocation.accepted_at < until)
+    return list(await session.scalars(query.order_by(Invocation.accepted_at.desc(), Invocation.id).limit(limit)))

@@ -12,7 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controlplane.db.models import ApiKey, Tenant, TenantStatus
-from lorafaas.errors import Conflict, Forbidden, NotFound, Unauthenticated
+from lorafaas.errors import Conflict, Forbidden, InvalidInput, NotFound, Unauthenticated
 
 KEY_PREFIX = "lf_"
 ALL_SCOPES = ("invoke", "read-usage", "manage-functions")
@@ -71,7 +71,7 @@ async def create_api_key(
     await get_tenant(session, tenant_id)
     unknown = set(scopes) - set(ALL_SCOPES)
     if unknown:
-        raise ValueError(f"unknown scopes {sorted(unknown)}; known: {list(ALL_SCOPES)}")
+        raise InvalidInput(f"unknown scopes {sorted(unknown)}; known: {list(ALL_SCOPES)}")
     secret = KEY_PREFIX + secrets.token_urlsafe(24)
     key = ApiKey(
         tenant_id=tenant_id,
@@ -112,3 +112,21 @@ async def authenticate(session: AsyncSession, secret: str | None) -> Principal:
     if status != TenantStatus.ACTIVE:
         raise Unauthenticated("this tenant is suspended")
     return Principal(tenant_id=key.tenant_id, key_id=key.id, scopes=frozenset(key.scopes))
+
+
+async def list_tenants(session: AsyncSession) -> list[Tenant]:
+    return list(await session.scalars(select(Tenant).order_by(Tenant.created_at, Tenant.name)))
+
+
+async def set_tenant_status(session: AsyncSession, tenant_id: str, status: TenantStatus) -> Tenant:
+    """Suspend or reactivate; keys are checked against the status on every request, so it acts at once."""
+    tenant = await get_tenant(session, tenant_id)
+    tenant.status = status
+    tenant.suspended_at = datetime.now(timezone.utc) if status == TenantStatus.SUSPENDED else None
+    await session.flush()
+    return tenant
+
+
+async def list_api_keys(session: AsyncSession, tenant_id: str) -> list[ApiKey]:
+    await get_tenant(session, tenant_id)
+    return list(await session.scalars(select(ApiKey).where(ApiKey.tenant_id == tenant_id).order_by(ApiKey.created_at)))

@@ -7,14 +7,14 @@ of pico-dollars (1e-12 USD): no request is ever rounded, and a bill's total is t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
 from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from controlplane.db.models import Function, Invocation, UsageRecord
+from controlplane.db.models import Function, Invocation, Tenant, UsageRecord
 from lorafaas.errors import InvalidInput, NotFound
 from lorafaas.wire import UsageEvent
 
@@ -134,3 +134,151 @@ async def usage_totals(session: AsyncSession, tenant_id: str, invocation_ids: li
         query = query.where(UsageRecord.invocation_id.in_(invocation_ids))
     n, i, o, a, d = (await session.execute(query)).one()
     return UsageTotals(int(n), int(i), int(o), int(a), int(d))
+
+
+# --- usage over time (the tenant's view) ------------------------------------------------
+BUCKET_WIDTHS = {"1h": timedelta(hours=1), "1d": timedelta(days=1)}
+MAX_BUCKETS = 31 * 24
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    bucket_start: datetime
+    function_id: str | None
+    function_name: str | None
+    invocations: int
+    input_tokens: int
+    output_tokens: int
+    amount_picousd: int
+
+
+def bucket_starts(start: datetime, end: datetime, width: str) -> list[datetime]:
+    """Every bucket in [start, end), aligned to UTC hours or days like OpenAI's usage API."""
+    if width not in BUCKET_WIDTHS:
+        raise InvalidInput(f"bucket_width must be one of {sorted(BUCKET_WIDTHS)}, got {width!r}", param="bucket_width")
+    if end <= start:
+        raise InvalidInput("end_time must be after start_time", param="end_time")
+    step = BUCKET_WIDTHS[width]
+    first = start.replace(minute=0, second=0, microsecond=0)
+    if width == "1d":
+        first = first.replace(hour=0)
+    count = -(-(end - first) // step)
+    if count > MAX_BUCKETS:
+        raise InvalidInput(f"the range spans {count} buckets of {width}; the limit is {MAX_BUCKETS}", param="start_time")
+    return [first + i * step for i in range(count)]
+
+
+async def usage_by_bucket(
+    session: AsyncSession, tenant_id: str, start: datetime, end: datetime, width: str, function_id: str | None = None, by_function: bool = True
+) -> list[UsageRow]:
+    """A tenant's usage records summed per UTC hour or day (and per function), exactly."""
+    trunc = func.date_trunc("hour" if width == "1h" else "day", UsageRecord.recorded_at, "UTC").label("bucket")
+    cols = [trunc, func.count(UsageRecord.id), func.sum(UsageRecord.input_tokens), func.sum(UsageRecord.output_tokens), func.sum(UsageRecord.amount_picousd)]
+    group = [trunc]
+    if by_function:
+        cols[1:1] = [UsageRecord.function_id, Function.name]
+        group += [UsageRecord.function_id, Function.name]
+    query = (
+        select(*cols)
+        .join(Function, Function.id == UsageRecord.function_id)
+        .where(UsageRecord.tenant_id == tenant_id, UsageRecord.recorded_at >= start, UsageRecord.recorded_at < end)
+        .group_by(*group)
+        .order_by(*group)
+    )
+    if function_id is not None:
+        query = query.where(UsageRecord.function_id == function_id)
+    rows = []
+    for row in await session.execute(query):
+        bucket, *rest = row
+        fid, fname = (rest.pop(0), rest.pop(0)) if by_function else (None, None)
+        n, i, o, a = rest
+        rows.append(UsageRow(bucket.astimezone(timezone.utc), fid, fname, int(n), int(i), int(o), int(a)))
+    return rows
+
+
+# --- revenue, cost and margin (the operator's view) -------------------------------------
+NS_PER_HOUR = 3600 * 10**9
+PICO_PER_MICRO = 10**6
+
+
+def device_cost_picousd(device_ns: int, price_micros_per_hour: int) -> int:
+    """Platform cost of summed device time, rounded half up to a pico-dollar only here, at report time."""
+    numerator = device_ns * price_micros_per_hour * PICO_PER_MICRO
+    return (2 * numerator + NS_PER_HOUR) // (2 * NS_PER_HOUR)
+
+
+@dataclass(frozen=True)
+class MarginLine:
+    tenant_id: str
+    tenant_name: str
+    function_id: str | None
+    function_name: str | None
+    invocations: int
+    input_tokens: int
+    output_tokens: int
+    revenue_picousd: int
+    device_ns: int
+    cost_picousd: int
+
+    @property
+    def margin_picousd(self) -> int:
+        return self.revenue_picousd - self.cost_picousd
+
+
+@dataclass(frozen=True)
+class MarginReport:
+    start: datetime
+    end: datetime
+    device_price_micros_per_hour: int
+    by_function: list[MarginLine]
+    by_tenant: list[MarginLine]
+    revenue_picousd: int
+    device_ns: int
+    cost_picousd: int
+
+    @property
+    def margin_picousd(self) -> int:
+        return self.revenue_picousd - self.cost_picousd
+
+
+async def margin_report(session: AsyncSession, start: datetime, end: datetime, price_micros_per_hour: int, tenant_id: str | None = None) -> MarginReport:
+    """Revenue beside device cost per function and per tenant; cost comes from summed device_ns."""
+    query = (
+        select(
+            Tenant.id, Tenant.name, Function.id, Function.name,
+            func.count(UsageRecord.id), func.sum(UsageRecord.input_tokens), func.sum(UsageRecord.output_tokens),
+            func.sum(UsageRecord.amount_picousd), func.sum(UsageRecord.device_ns),
+        )
+        .join(Function, Function.id == UsageRecord.function_id)
+        .join(Tenant, Tenant.id == UsageRecord.tenant_id)
+        .where(UsageRecord.recorded_at >= start, UsageRecord.recorded_at < end)
+        .group_by(Tenant.id, Tenant.name, Function.id, Function.name)
+        .order_by(Tenant.name, Function.name)
+    )
+    if tenant_id is not None:
+        query = query.where(UsageRecord.tenant_id == tenant_id)
+    raw = [tuple(int(v) if i >= 4 else v for i, v in enumerate(row)) for row in await session.execute(query)]
+    by_function = [MarginLine(t, tn, f, fn, n, i, o, r, d, device_cost_picousd(d, price_micros_per_hour)) for t, tn, f, fn, n, i, o, r, d in raw]
+    by_tenant = []
+    for tid in dict.fromkeys(line.tenant_id for line in by_function):
+        lines = [line for line in by_function if line.tenant_id == tid]
+        d = sum(line.device_ns for line in lines)
+        by_tenant.append(
+            MarginLine(
+                tid, lines[0].tenant_name, None, None, sum(x.invocations for x in lines), sum(x.input_tokens for x in lines),
+                sum(x.output_tokens for x in lines), sum(x.revenue_picousd for x in lines), d, device_cost_picousd(d, price_micros_per_hour),
+            )
+        )
+    device_ns = sum(line.device_ns for line in by_function)
+    revenue = sum(line.revenue_picousd for line in by_function)
+    return MarginReport(start, end, price_micros_per_hour, by_function, by_tenant, revenue, device_ns, device_cost_picousd(device_ns, price_micros_per_hour))
+
+
+def month_of(period: str) -> tuple[int, int]:
+    """``YYYY-MM`` -> (year, month), refusing anything else."""
+    try:
+        year, month = (int(x) for x in period.split("-"))
+    except ValueError as e:
+        raise InvalidInput(f"period must be YYYY-MM, got {period!r}") from e
+    month_range(year, month)
+    return year, month

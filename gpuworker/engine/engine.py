@@ -13,6 +13,7 @@ import logging
 import math
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -73,7 +74,7 @@ class LoraEngine:
             pool_pages or default_pool_pages(cfg), page_elems_for(cfg), self.runner.dtype, self.device
         )
         self.stacks = StackCache(max_bytes=self.pool.num_pages * self.pool.page_bytes)
-        self.builder = LoraBatchBuilder(cfg.num_hidden_layers, self._meta, self._read_flat, self.stacks, self.device)
+        self.builder = LoraBatchBuilder(cfg.num_hidden_layers, self._meta, self._read_flat, self.stacks)
         self.eos_ids = _eos_ids(cfg, tokenizer)
         self.last_step_s = 0.0
         self.evicted_on_last_load: list[str] = []
@@ -84,9 +85,7 @@ class LoraEngine:
         self._running: list[Sequence] = []  # running[i] occupies KV slot i
         self._by_id: dict[str, Sequence] = {}
         self._aborts: set[str] = set()
-        self._rows: tuple[str | None, ...] | None = None  # the decode composition _lora/_positions were built for
-        self._lora: LoraBatch | None = None
-        self._positions: torch.Tensor | None = None
+        self._batch: _DecodeBatch | None = None
 
     # -- adapters ---------------------------------------------------------------------------
     def load_adapter(self, adapter_id: str, weights: AdapterWeights) -> None:
@@ -217,28 +216,28 @@ class LoraEngine:
     def _decode(self, work: dict[str, int]) -> list[StepOutput]:
         running = self._running
         rows = tuple(seq.req.adapter_id for seq in running)
-        if rows != self._rows:  # composition changed: regroup by rank, gather stacks (cached), new indices
-            self._lora = self.builder.build(list(rows))
-            self._positions = torch.tensor([seq.length for seq in running], dtype=torch.long, device=self.device)
-            self._rows = rows
-        tokens = torch.tensor([seq.last_token for seq in running], dtype=torch.long, device=self.device)
-        max_len = max(seq.length for seq in running) + 1
-        logits = self.runner.decode(tokens, self._positions, max_len, self._lora)
-        self._positions += 1
+        if self._batch is None or rows != self._batch.rows:
+            self._batch = _DecodeBatch.build(rows, running, self.builder, self.device)
+        batch = self._batch
+        seqs = [running[i] for i in batch.lora.order]  # row order
+        tokens = torch.tensor([seq.last_token for seq in seqs], dtype=torch.long, device=self.device)
+        max_len = max(seq.length for seq in seqs) + 1
+        logits = self.runner.decode(tokens, batch.positions, batch.slots, batch.inverse, max_len, batch.lora)
+        batch.positions += 1
         if self.on_logits is not None:
-            self.on_logits([seq.req.request_id for seq in running], logits)
-        chosen = self._select(logits, running)
+            self.on_logits([seq.req.request_id for seq in seqs], logits)
+        chosen = self._select(logits, seqs)
         outputs, finished = [], []
-        for i, (seq, token) in enumerate(zip(running, chosen)):
+        for seq, token in zip(seqs, chosen):
             seq.length += 1
             work[seq.req.request_id] = 1
             text, reason = seq.append(token, self.eos_ids, self.max_seq_len)
             outputs.append(_output(seq, token, text, reason))
             if reason is not None:
-                finished.append(i)
-        for i in reversed(finished):
-            self._forget(self._running[i])
-            self._retire(i)
+                finished.append(seq)
+        for seq in finished:
+            self._forget(seq)
+            self._retire(running.index(seq))
         return outputs
 
     def _admit(self, work: dict[str, int]) -> list[StepOutput]:
@@ -282,7 +281,7 @@ class LoraEngine:
             self.runner.clear_slot(last, moved.length)
             self._running[index] = moved
         self._running.pop()
-        self._rows = None  # the composition changed
+        self._batch = None  # the composition changed
 
     def _forget(self, seq: Sequence) -> None:
         """Drop a finished request's bookkeeping and unpin its adapter."""
@@ -290,6 +289,27 @@ class LoraEngine:
         self._aborts.discard(seq.req.request_id)
         if seq.req.adapter_id is not None:
             self.pool.unpin(seq.req.adapter_id)
+
+
+@dataclass
+class _DecodeBatch:
+    """Everything a decode step needs that only changes with the batch composition."""
+
+    rows: tuple[str | None, ...]  # adapter per running request, in slot order
+    lora: LoraBatch  # rank groups; lora.order[i] = the slot that row i runs
+    slots: torch.Tensor  # row -> slot
+    inverse: torch.Tensor | None  # slot -> row (None when rows are in slot order)
+    positions: torch.Tensor  # per row: tokens cached (advanced in place after each step)
+
+    @classmethod
+    def build(cls, rows, running: list[Sequence], builder: LoraBatchBuilder, device: torch.device) -> _DecodeBatch:
+        lora = builder.build(list(rows))
+        order = lora.order
+        slots = torch.tensor(order, dtype=torch.long, device=device)
+        identity = order == list(range(len(order)))
+        inverse = None if identity else torch.argsort(slots)
+        positions = torch.tensor([running[i].length for i in order], dtype=torch.long, device=device)
+        return cls(rows, lora, slots, inverse, positions)
 
 
 def _output(seq: Sequence, token: int, text: str, reason: str | None, index: int | None = None) -> StepOutput:

@@ -1,17 +1,18 @@
 """Batched multi-LoRA deltas, grouped by rank (the Punica SGMV / S-LoRA idea on plain torch ops).
 
-A batch mixes rows of many adapters. Per projection site (the modules that share one input:
-q/k/v, o, gate/up, down) the adapters are grouped by (rank, targeted modules). A group of
-k adapters with at most m rows each runs as
+A batch mixes rows of many adapters. The batch runs in an order where each adapter's rows
+are adjacent, sorted by rank. Per projection site (the modules that share one input: q/k/v,
+o, gate/up, down) a run of k adapters with the same rank, the same m rows each and the same
+targeted modules is one group:
 
-    x_g = x[gather]            -> [k, m, in]   (rows padded with a zero row up to m)
+    x_g = x[start : start + k*m].view(k, m, in)            (a view: no gather, no padding)
     t   = bmm(x_g, A_cat)      -> [k, m, r * n_modules]   (A of every module of the site, side by side)
-    y_j[scatter] += bmm(t_j, B_j)                          (B already multiplied by the scaling)
+    y_j[start : start + k*m] += bmm(t_j, B_j)              (baddbmm_ in place; B pre-multiplied by the scaling)
 
 so a rank-8 adapter costs rank-8 work even when a rank-128 adapter shares the batch, and the
 weights of each adapter are read once per step however many rows use it. The stacked A/B
-tensors are gathered from the page pool once per batch composition and cached; the index
-tensors are built once per composition too, so a decode step only runs the ops above.
+tensors are gathered from the page pool once per batch composition and cached, so a decode
+step only runs the ops above.
 """
 
 from __future__ import annotations
@@ -47,52 +48,42 @@ class AdapterMeta:
 
 @dataclass
 class RankGroup:
-    """k adapters of one rank that target the same modules of one site, with their rows."""
+    """k adapters of one rank with m rows each, adjacent in the batch, that target the same modules of a site."""
 
     modules: tuple[str, ...]  # the site's modules these adapters target, in site order
     rank: int
     k: int
     m: int
-    gather: torch.Tensor | slice  # rows of x (or x with a zero row appended) in [k*m] order
-    scatter: torch.Tensor | slice  # rows of y for the same [k*m] order (pads point at row 0, add zero)
-    padded: bool
+    start: int  # their rows are start .. start + k*m of the batch (the builder orders rows so)
     a_cat: torch.Tensor  # [k, in, rank * len(modules)]
     b: tuple[torch.Tensor, ...]  # per module [k, rank, out], scaled
 
     def apply(self, x: torch.Tensor, outs: dict[str, torch.Tensor]) -> None:
-        """Add this group's LoRA deltas into the site's output tensors, in place."""
-        xg = x[self.gather] if isinstance(self.gather, slice) else x.index_select(0, self.gather)
-        t = torch.bmm(xg.view(self.k, self.m, -1), self.a_cat)
+        """Add this group's LoRA deltas into the site's output tensors, in place (views only, no gathers)."""
+        rows = slice(self.start, self.start + self.k * self.m)
+        t = torch.bmm(x[rows].view(self.k, self.m, -1), self.a_cat)
         r = self.rank
         for j, module in enumerate(self.modules):
-            d = torch.bmm(t[:, :, j * r : (j + 1) * r], self.b[j]).view(self.k * self.m, -1)
-            y = outs[module]
-            if isinstance(self.scatter, slice):
-                y[self.scatter].add_(d)
-            else:
-                y.index_add_(0, self.scatter, d)
+            y = outs[module][rows].view(self.k, self.m, -1)
+            y.baddbmm_(t[:, :, j * r : (j + 1) * r], self.b[j])  # y += t_j @ (scaling * B_j^T)
 
 
 class LoraBatch:
-    """The LoRA work of one batch composition: rank groups per (layer, site)."""
+    """The LoRA work of one batch composition: rank groups per (layer, site).
 
-    def __init__(self, groups: dict[tuple[int, str], list[RankGroup]]) -> None:
+    ``order`` is the row order the groups assume: the caller runs the batch with row i
+    holding its request ``order[i]``, so each group's rows are one contiguous slice.
+    """
+
+    def __init__(self, groups: dict[tuple[int, str], list[RankGroup]], order: list[int]) -> None:
         self.groups = groups
+        self.order = order
         self.empty = not any(groups.values())
 
     def apply(self, layer: int, site: str, x: torch.Tensor, outs: dict[str, torch.Tensor]) -> None:
         """x: [N, in] (the site's shared input); outs: module -> [N, out] base outputs, updated in place."""
-        groups = self.groups.get((layer, site))
-        if not groups:
-            return
-        x_ext = None
-        for g in groups:
-            if g.padded:
-                if x_ext is None:  # one zero row that every padded gather points at
-                    x_ext = torch.cat([x, x.new_zeros(1, x.shape[1])])
-                g.apply(x_ext, outs)
-            else:
-                g.apply(x, outs)
+        for g in self.groups.get((layer, site), ()):
+            g.apply(x, outs)
 
 
 class StackCache:
@@ -146,45 +137,41 @@ class LoraBatchBuilder:
         metas: Callable[[str], AdapterMeta],
         read_flat: Callable[[str], torch.Tensor],
         cache: StackCache,
-        device: torch.device,
     ) -> None:
         self.num_layers = num_layers
         self._meta = metas
         self._read_flat = read_flat
         self.cache = cache
-        self.device = device
 
     def build(self, rows: list[str | None]) -> LoraBatch:
-        """Group the rows' adapters by (rank, modules) for every (layer, site)."""
+        """Order the rows so each adapter's rows are adjacent, then group adapters per (layer, site).
+
+        Rows are sorted by (rank, rows per adapter, targeted modules, adapter id), backbone-only
+        rows last; a group is a run of adjacent adapters with the same rank, row count and modules
+        at that site, so it is one [k, m, in] view of the batch: no padding, no gather.
+        """
         by_adapter: dict[str, list[int]] = {}
         for i, adapter_id in enumerate(rows):
             if adapter_id is not None:
                 by_adapter.setdefault(adapter_id, []).append(i)
         metas = {a: self._meta(a) for a in by_adapter}
         slices = {a: m.slices() for a, m in metas.items()}
+        adapters = sorted(by_adapter, key=lambda a: (metas[a].rank, len(by_adapter[a]), sorted(slices[a]), a))
+        order = [i for a in adapters for i in by_adapter[a]] + [i for i, a in enumerate(rows) if a is None]
         flats: dict[str, torch.Tensor] = {}  # each adapter's pages gathered at most once per build
-        index_memo: dict[tuple[str, ...], tuple] = {}
         groups: dict[tuple[int, str], list[RankGroup]] = {}
         for layer in range(self.num_layers):
             for site, modules in SITES.items():
-                keyed: dict[tuple[int, tuple[str, ...]], list[str]] = {}
-                for a in sorted(by_adapter):
-                    targeted = tuple(m for m in modules if (layer, m) in slices[a])
-                    if targeted:
-                        keyed.setdefault((metas[a].rank, targeted), []).append(a)
+                runs = _runs(adapters, lambda a: (metas[a].rank, len(by_adapter[a]), tuple(m for m in modules if (layer, m) in slices[a])))
                 groups[(layer, site)] = [
-                    self._group(layer, site, rank, targeted, tuple(ids), by_adapter, len(rows), metas, flats, index_memo)
-                    for (rank, targeted), ids in sorted(keyed.items())
+                    self._group(layer, site, key, ids, start, metas, flats) for key, ids, start in runs if key[2]
                 ]
-        return LoraBatch(groups)
+        return LoraBatch(groups, order)
 
-    def _group(self, layer, site, rank, modules, ids, by_adapter, n_rows, metas, flats, index_memo) -> RankGroup:
-        if ids not in index_memo:
-            index_memo[ids] = _row_indices([by_adapter[a] for a in ids], n_rows, self.device)
-        gather, scatter, m, padded = index_memo[ids]
-        key = (layer, site, ids, modules)
-        a_cat, bs = self.cache.get(key, lambda: self._stack(layer, modules, ids, metas, flats))
-        return RankGroup(modules, rank, len(ids), m, gather, scatter, padded, a_cat, bs)
+    def _group(self, layer, site, key, ids, start, metas, flats) -> RankGroup:
+        rank, m, modules = key
+        a_cat, bs = self.cache.get((layer, site, ids, modules), lambda: self._stack(layer, modules, ids, metas, flats))
+        return RankGroup(modules, rank, len(ids), m, start, a_cat, bs)
 
     def _stack(self, layer, modules, ids, metas, flats) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """[k, in, r*n] A^T side by side per module, and per module [k, r, out] scaling * B^T."""
@@ -205,19 +192,15 @@ class LoraBatchBuilder:
         return torch.cat(a_cols, dim=2).contiguous(), tuple(bs)
 
 
-def _row_indices(row_lists: list[list[int]], n_rows: int, device: torch.device) -> tuple:
-    """Gather/scatter indices for k adapters' rows padded to m each; slices when rows are contiguous."""
-    m = max(len(rows) for rows in row_lists)
-    padded = any(len(rows) < m for rows in row_lists)
-    gather: list[int] = []
-    scatter: list[int] = []
-    for rows in row_lists:
-        pad = m - len(rows)
-        gather += rows + [n_rows] * pad  # n_rows = the zero row appended to x
-        scatter += rows + [0] * pad  # a zero delta added to row 0 changes nothing
-    if not padded and gather == list(range(gather[0], gather[0] + len(gather))):
-        whole = slice(gather[0], gather[0] + len(gather))
-        return whole, whole, m, False
-    g = torch.tensor(gather, dtype=torch.long, device=device)
-    s = torch.tensor(scatter, dtype=torch.long, device=device)
-    return g, s, m, padded
+def _runs(adapters: list[str], key: Callable[[str], tuple]) -> list[tuple[tuple, tuple[str, ...], int]]:
+    """Maximal runs of adjacent adapters sharing ``key``: (key, adapter ids, first row of the run)."""
+    runs: list[tuple[tuple, tuple[str, ...], int]] = []
+    row = 0
+    for a in adapters:
+        k = key(a)
+        if runs and runs[-1][0] == k:
+            runs[-1] = (k, runs[-1][1] + (a,), runs[-1][2])
+        else:
+            runs.append((k, (a,), row))
+        row += k[1]
+    return runs

@@ -8,8 +8,10 @@ What it adds is a LoRA hook per projection site (see ``lora_ops``) and a preallo
     k_cache, v_cache: [layers, slots, kv_heads, max_seq_len, head_dim]
 
 Running requests occupy slots 0..B-1 (the engine compacts on finish), so decode attention
-reads a view of the first B slots up to the longest length and masks each row by its own
-length: a row never sees another slot's keys, nor stale positions past its own length.
+reads a view of the first B slots up to the longest length and masks each slot by its own
+length: a request never sees another slot's keys, nor stale positions past its own length.
+The projections run with rows in LoRA order (see ``lora_ops``); only attention needs slot
+order, so decode permutes q into slot order and the attention output back, two small gathers.
 """
 
 from __future__ import annotations
@@ -80,6 +82,19 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + rotated * sin
 
 
+@dataclass
+class _DecodeStep:
+    """Per-step tensors shared by every layer's decode attention."""
+
+    kv_rows: torch.Tensor  # [B * kv_heads] flat cache rows where each row's new key/value go
+    slots: torch.Tensor  # [B] row -> KV slot
+    inverse: torch.Tensor | None  # [B] slot -> row, None when rows are already in slot order
+    max_len: int
+    mask: torch.Tensor  # [B, 1, 1, max_len] in slot order
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+
 class LlamaRunner:
     """Prefill and decode over the shared HF weights and the slot KV cache."""
 
@@ -127,17 +142,33 @@ class LlamaRunner:
             x = self._layer(i, w, x, lora, lambda q, k, v, i=i: self._prefill_attn(i, slot, q, k, v, cos, sin))
         return self._logits(x[-1:])[0]
 
-    def decode(self, token_ids: torch.Tensor, positions: torch.Tensor, max_len: int, lora: LoraBatch) -> torch.Tensor:
-        """One token for each of slots 0..B-1. ``positions`` [B] = tokens already cached per slot."""
+    def decode(
+        self,
+        token_ids: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        inverse: torch.Tensor | None,
+        max_len: int,
+        lora: LoraBatch,
+    ) -> torch.Tensor:
+        """One token for each running request; returns [B, V] logits in row order.
+
+        Row i is the request in KV slot ``slots[i]`` with ``positions[i]`` tokens cached. Rows
+        are in LoRA order (each adapter's rows adjacent); attention runs in slot order over
+        slots 0..B-1, so ``inverse`` (slot -> row) permutes around it; None when rows == slots.
+        """
         x = self.embed[token_ids]
         cos, sin = self.rotary(x, positions[:, None])  # [B, 1, D]
-        # Row b may attend to its own positions 0..positions[b] only.
-        mask = (torch.arange(max_len, device=self.device)[None, :] <= positions[:, None])[:, None, None, :]
-        slots = torch.arange(token_ids.shape[0], device=self.device)
+        slot_pos = positions if inverse is None else positions.index_select(0, inverse)
+        # Slot s may attend to its own positions 0..slot_pos[s] only.
+        mask = (torch.arange(max_len, device=self.device)[None, :] <= slot_pos[:, None])[:, None, None, :]
+        # Flat row of (slot, kv_head, position) in a layer's cache viewed as [slots*heads*len, D]:
+        # one index_copy_ per layer writes every row's new key (cheaper than 3-D advanced indexing).
+        heads = torch.arange(self.num_kv_heads, device=self.device)
+        kv_rows = ((slots[:, None] * self.num_kv_heads + heads) * self.max_seq_len + positions[:, None]).view(-1)
+        step = _DecodeStep(kv_rows, slots, inverse, max_len, mask, cos[:, None], sin[:, None])
         for i, w in enumerate(self.layers):
-            x = self._layer(
-                i, w, x, lora, lambda q, k, v, i=i: self._decode_attn(i, slots, positions, max_len, mask, q, k, v, cos, sin)
-            )
+            x = self._layer(i, w, x, lora, lambda q, k, v, i=i: self._decode_attn(i, step, q, k, v))
         return self._logits(x)
 
     def _layer(self, i: int, w: LayerWeights, x: torch.Tensor, lora: LoraBatch, attend) -> torch.Tensor:
@@ -167,20 +198,23 @@ class LlamaRunner:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.num_heads != self.num_kv_heads)
         return out.transpose(1, 2).reshape(n, self.num_heads * self.head_dim)
 
-    def _decode_attn(self, i, slots, positions, max_len, mask, q, k, v, cos, sin) -> torch.Tensor:
+    def _decode_attn(self, i: int, step: _DecodeStep, q, k, v) -> torch.Tensor:
         bsz = q.shape[0]
-        q = rotate(q.view(bsz, 1, self.num_heads, self.head_dim).transpose(1, 2), cos[:, None], sin[:, None])
-        k = rotate(k.view(bsz, 1, self.num_kv_heads, self.head_dim).transpose(1, 2), cos[:, None], sin[:, None])
+        q = rotate(q.view(bsz, 1, self.num_heads, self.head_dim).transpose(1, 2), step.cos, step.sin)
+        k = rotate(k.view(bsz, 1, self.num_kv_heads, self.head_dim).transpose(1, 2), step.cos, step.sin)
         v = v.view(bsz, self.num_kv_heads, self.head_dim)
-        # Write each row's new key/value at its own position, then attend over the first B slots.
-        self.k_cache[i][slots, :, positions] = k[:, :, 0]
-        self.v_cache[i][slots, :, positions] = v
-        keys = self.k_cache[i, :bsz, :, :max_len]
-        values = self.v_cache[i, :bsz, :, :max_len]
+        # Write each row's new key/value into its own slot at its own position.
+        self.k_cache[i].view(-1, self.head_dim).index_copy_(0, step.kv_rows, k.reshape(-1, self.head_dim))
+        self.v_cache[i].view(-1, self.head_dim).index_copy_(0, step.kv_rows, v.reshape(-1, self.head_dim))
+        if step.inverse is not None:
+            q = q.index_select(0, step.inverse)  # rows -> slot order
+        keys = self.k_cache[i, :bsz, :, : step.max_len]
+        values = self.v_cache[i, :bsz, :, : step.max_len]
         out = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask, enable_gqa=self.num_heads != self.num_kv_heads
+            q, keys, values, attn_mask=step.mask, enable_gqa=self.num_heads != self.num_kv_heads
         )
-        return out.transpose(1, 2).reshape(bsz, self.num_heads * self.head_dim)
+        out = out.transpose(1, 2).reshape(bsz, self.num_heads * self.head_dim)
+        return out if step.inverse is None else out.index_select(0, step.slots)  # slot -> row order
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(rms_norm(x, self.final_norm, self.eps), self.lm_head)

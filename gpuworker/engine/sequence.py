@@ -35,6 +35,15 @@ class Detokenizer:
             return text[len(prefix) :]
         return ""
 
+    def flush(self) -> str:
+        """At the end of a request: whatever is still held back, decoded as the whole sequence
+        would be (a trailing partial character becomes U+FFFD, as ``tokenizer.decode`` gives)."""
+        decode = self.tokenizer.decode
+        prefix = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
+        text = decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return text[len(prefix) :]
+
 
 class StopMatcher:
     """Finds stop strings in the decoded text and holds back any tail that may start one."""
@@ -92,11 +101,18 @@ class Sequence:
         """Record a generated token; returns (text to emit, finish reason or None)."""
         self.generated.append(token_id)
         if token_id in eos_ids and not self.req.ignore_eos:
-            return self.stopper.flush(), FINISH_STOP
+            return self._finish("", FINISH_STOP)
         text, stopped = self.stopper.feed(self.detok.push(token_id))
         if stopped:
             return text, FINISH_STOP
         # No room to cache the token just generated, or the request's budget is spent.
         if len(self.generated) >= self.req.max_tokens or self.length >= max_seq_len:
-            return text + self.stopper.flush(), FINISH_LENGTH
+            return self._finish(text, FINISH_LENGTH)
         return text, None
+
+    def _finish(self, text: str, reason: str) -> tuple[str, str]:
+        """Emit what the detokenizer and the stop matcher still hold; a late stop string still stops."""
+        tail, stopped = self.stopper.feed(self.detok.flush())
+        if stopped:
+            return text + tail, FINISH_STOP
+        return text + tail + self.stopper.flush(), reason

@@ -118,3 +118,21 @@ def test_requests_joining_mid_batch_match_running_alone(make_engine, model_and_t
             outputs.setdefault(out.request_id, []).append(out.token_id)
         assert engine.num_running() <= 4
     assert outputs == alone
+
+
+def test_rank_groups_do_not_pad_to_the_largest_rank(make_engine, model_and_tokenizer) -> None:
+    engine = make_engine(max_batch=8)
+    for req in _requests(model_and_tokenizer[1]):
+        engine.add_request(req)
+    engine.step()
+    engine.step()
+    lora = engine._batch.lora
+    assert sorted(lora.order) == list(range(8))
+    for (layer, site), groups in lora.groups.items():
+        rows = [(g.start, g.start + g.k * g.m) for g in groups]
+        assert all(a[1] <= b[0] for a, b in zip(rows, rows[1:])), "groups overlap"
+        for g in groups:
+            assert g.a_cat.shape[2] == g.rank * len(g.modules), "a group computes more ranks than its adapters have"
+            assert all(b.shape[1] == g.rank for b in g.b)
+    qkv_ranks = sorted({g.rank for g in lora.groups[(0, "qkv")]})
+    assert qkv_ranks == [8, 16, 64, 128]  # r32 targets only the MLP

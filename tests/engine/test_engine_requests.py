@@ -176,3 +176,12 @@ def test_stop_matcher_holds_possible_prefixes() -> None:
     assert stop.feed("yy#") == ("yy", False)
     assert stop.feed("#zz") == ("", True)
     assert StopMatcher(["END"]).flush() == ""
+
+
+def test_detokenizer_flush_gives_what_a_whole_decode_gives(model_and_tokenizer) -> None:
+    tokenizer = model_and_tokenizer[1]
+    ids = tokenizer.encode("the 日本 sea")
+    for k in range(1, len(ids) + 1):  # every cut, including ones inside a character
+        detok = Detokenizer(tokenizer)
+        text = "".join(detok.push(i) for i in ids[:k]) + detok.flush()
+        assert text == tokenizer.decode(ids[:k], skip_special_tokens=True)

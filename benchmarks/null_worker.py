@@ -1,0 +1,60 @@
+"""A worker without a model: pulls invocations, echoes the prompt as the result, publishes usage, acks.
+
+It speaks the real wire protocol (same consumer, subjects, message ids), so the gateway,
+JetStream and the control plane see exactly what a GPU worker would send.
+
+Usage: python benchmarks/null_worker.py NATS_URL PREFIX BACKBONE
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from datetime import datetime, timezone
+
+import nats
+from nats.errors import TimeoutError as NatsTimeout
+
+from lorafaas import wire
+from lorafaas.names import MSG_ID_HEADER, Names
+from lorafaas.settings import NatsSettings
+from lorafaas.streams import ensure_streams, worker_consumer_config
+
+
+async def answer(js, names: Names, msg) -> None:
+    inv = wire.Invocation.decode(msg.data)
+    now = datetime.now(timezone.utc)
+    tokens = max(1, len(inv.prompt.split()))
+    result = wire.InvocationResult(
+        invocation_id=inv.invocation_id, status=wire.ResultStatus.SUCCEEDED, text=inv.prompt, finish_reason="stop",
+        prompt_tokens=tokens, completion_tokens=tokens, worker_id="null", first_token_at=now, finished_at=now,
+    )
+    usage = wire.UsageEvent(
+        invocation_id=inv.invocation_id, tenant_id=inv.tenant_id, function_id=inv.adapter.function_id,
+        input_tokens=tokens, output_tokens=tokens, worker_id="null", finished_at=now,
+    )
+    await asyncio.gather(
+        js.publish(names.result_subject(inv.invocation_id), result.encode(), headers={MSG_ID_HEADER: f"result-{inv.invocation_id}"}),
+        js.publish(names.usage_subject(inv.invocation_id), usage.encode(), headers={MSG_ID_HEADER: f"usage-{inv.invocation_id}"}),
+    )
+    await msg.ack()
+
+
+async def main(url: str, prefix: str, backbone: str) -> None:
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    names = Names(prefix)
+    await ensure_streams(js, names)
+    config = worker_consumer_config(names, backbone, NatsSettings(url=url, prefix=prefix))
+    sub = await js.pull_subscribe(config.filter_subject, durable=config.durable_name, stream=names.invocations_stream, config=config)
+    print("ready", flush=True)
+    while True:
+        try:
+            msgs = await sub.fetch(batch=64, timeout=1.0)
+        except (NatsTimeout, asyncio.TimeoutError):  # nats-py raises either
+            continue
+        await asyncio.gather(*(answer(js, names, m) for m in msgs))
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3]))

@@ -1,0 +1,392 @@
+"""Replay a production trace through the whole stack: lorafaas against the papers' baselines.
+
+Each system (see ``replay_systems``) serves the same requests, from the same CSV slice, with
+the same seed, through real HTTP (streaming, so TTFT is measured at the client), NATS,
+Postgres, S3 and worker processes. Prints how the trace was scaled and assigned, a table, and
+writes JSON (``--out``) and PNG plots (``--plots``).
+
+    python benchmarks/replay.py --help
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from sqlalchemy import select
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.replay_systems import SYSTEMS, FunctionSpec, ReplaySetup, System, make_system  # noqa: E402
+from controlplane.db.models import Invocation  # noqa: E402
+from lorafaas import trace  # noqa: E402
+from lorafaas.devstack import DevStack  # noqa: E402
+from lorafaas.platform import admin  # noqa: E402
+from lorafaas.settings import S3Settings, Settings  # noqa: E402
+
+console = Console(stderr=True)
+
+
+@dataclass
+class RequestRecord:
+    index: int
+    function_index: int
+    arrival_s: float
+    prompt_tokens: int
+    max_tokens: int
+    sent: float = 0.0
+    first_token: float | None = None
+    done: float | None = None
+    chunk_times: list[float] = field(default_factory=list)
+    completion_tokens: int = 0
+    usage_prompt_tokens: int = 0
+    invocation_id: str = ""
+    status: int = 0
+    error: str = ""
+    backbone_ready: float | None = None  # set when the backbone was not resident at arrival
+    load_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200 and self.done is not None and not self.error
+
+    @property
+    def ttft(self) -> float:
+        return (self.first_token or self.done or self.sent) - self.sent
+
+    @property
+    def gaps(self) -> list[float]:
+        return [b - a for a, b in zip(self.chunk_times, self.chunk_times[1:])]
+
+    @property
+    def cold(self) -> bool:
+        return self.backbone_ready is not None or self.load_s > 0
+
+    @property
+    def cold_added_s(self) -> float:
+        backbone = max(0.0, (self.backbone_ready or self.sent) - self.sent)
+        return backbone + self.load_s
+
+
+# --- client -----------------------------------------------------------------------------------
+async def stream_completion(client: httpx.AsyncClient, model: str, prompt: str, rec: RequestRecord) -> None:
+    body = {"model": model, "prompt": prompt, "max_tokens": rec.max_tokens, "stream": True, "stream_options": {"include_usage": True}}
+    async with client.stream("POST", "/v1/completions", json=body) as response:
+        rec.status = response.status_code
+        if response.status_code != 200:
+            rec.error = (await response.aread()).decode()[:300]
+            return
+        async for line in response.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line[len("data: "):]
+            if data.strip() == "[DONE]":
+                break
+            chunk = json.loads(data)
+            if "error" in chunk:
+                rec.error = str(chunk["error"])[:300]
+                return
+            rec.invocation_id = rec.invocation_id or chunk.get("id", "")
+            if chunk.get("choices"):
+                now = time.perf_counter()
+                rec.first_token = rec.first_token or now
+                rec.chunk_times.append(now)
+            if chunk.get("usage"):
+                rec.completion_tokens = chunk["usage"]["completion_tokens"]
+                rec.usage_prompt_tokens = chunk["usage"]["prompt_tokens"]
+    rec.done = time.perf_counter()
+
+
+async def replay_system(system: System, requests: list[trace.TraceRequest], functions: list[FunctionSpec], seed: int) -> tuple[list[RequestRecord], float, float]:
+    records = [RequestRecord(i, r.function_index, r.arrival_s, r.prompt_tokens, r.output_tokens) for i, r in enumerate(requests)]
+    headers = {"Authorization": f"Bearer {system.api_key}"}
+    limits = httpx.Limits(max_connections=1024, max_keepalive_connections=128)
+    async with httpx.AsyncClient(base_url=system.url, headers=headers, timeout=900, limits=limits) as client:
+        with Progress(TextColumn(f"{system.name:>9}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as progress:
+            bar = progress.add_task(system.name, total=len(records))
+            start = time.perf_counter()
+
+            async def one(rec: RequestRecord) -> None:
+                await asyncio.sleep(max(0.0, rec.arrival_s - (time.perf_counter() - start)))
+                rec.sent = time.perf_counter()
+                ready = await system.before_request(rec.function_index, time.monotonic())
+                if ready is not None:  # monotonic -> perf_counter
+                    rec.backbone_ready = rec.sent + (ready - (time.monotonic() - (time.perf_counter() - rec.sent)))
+                try:
+                    prompt = trace.synthetic_prompt(rec.prompt_tokens, seed + rec.index)
+                    await stream_completion(client, functions[rec.function_index].name, prompt, rec)
+                except httpx.HTTPError as e:
+                    rec.error = repr(e)
+                finally:
+                    system.after_request(rec.function_index, time.monotonic())
+                    progress.advance(bar)
+
+            mono_start = time.monotonic()
+            await asyncio.gather(*(one(r) for r in records))
+            return records, mono_start, time.monotonic()
+
+
+async def attach_load_times(system: System, records: list[RequestRecord]) -> None:
+    """The adapter load time of each invocation, as the worker measured it (timings.load_s)."""
+    ids = {r.invocation_id.removeprefix("cmpl-"): r for r in records if r.invocation_id}
+    async with admin(system.settings) as a:
+        rows = (await a.session.execute(select(Invocation.id, Invocation.timings).where(Invocation.id.in_(list(ids))))).all()
+    for inv_id, timings in rows:
+        ids[inv_id].load_s = float((timings or {}).get("load_s", 0.0))
+
+
+# --- metrics ----------------------------------------------------------------------------------
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+def summarize(system: System, records: list[RequestRecord], start: float, end: float, args: argparse.Namespace) -> dict:
+    ok = [r for r in records if r.ok]
+    gaps = [g for r in ok for g in r.gaps]
+    out_tokens = sum(r.completion_tokens for r in ok)
+    in_tokens = sum(r.usage_prompt_tokens for r in ok)
+    wall = max(1e-9, max((r.done for r in ok), default=0) - min((r.sent for r in ok), default=0))
+    device_s = system.device_seconds(start, end)
+    cost_usd = device_s / 3600 * args.device_price_per_hour
+    slo_ok = [r for r in ok if r.ttft <= args.slo_ttft and (not r.gaps or statistics.fmean(r.gaps) <= args.slo_tbt)]
+    cold = [r for r in ok if r.cold]
+    return {
+        "ttft_p50_s": pct([r.ttft for r in ok], 50),
+        "ttft_p99_s": pct([r.ttft for r in ok], 99),
+        "tbt_p50_s": pct(gaps, 50),
+        "e2e_p50_s": pct([r.done - r.sent for r in ok], 50),
+        "throughput_tokens_per_s": out_tokens / wall,
+        "slo_attainment": len(slo_ok) / len(records) if records else 0.0,
+        "cold_starts": len(cold),
+        "cold_start_added_p50_s": pct([r.cold_added_s for r in cold], 50),
+        "cost_per_1m_tokens_usd": cost_usd / max(1e-9, (in_tokens + out_tokens) / 1e6),
+        "device_seconds": device_s,
+        "peak_memory_bytes": system.peak_memory_bytes,
+        "completed": len(ok),
+        "failed": len(records) - len(ok),
+        "input_tokens": in_tokens,
+        "output_tokens": out_tokens,
+    }
+
+
+def reduction(ours: float, theirs: float) -> float:
+    return 1.0 - ours / theirs if theirs > 0 else 0.0
+
+
+def comparisons(results: dict[str, dict]) -> dict[str, float]:
+    ours = results.get("lorafaas")
+    out: dict[str, float] = {}
+    if ours and "dedicated" in results:
+        d = results["dedicated"]
+        out["ttft_p50_reduction_vs_dedicated"] = reduction(ours["ttft_p50_s"], d["ttft_p50_s"])
+        out["cost_reduction_vs_dedicated"] = reduction(ours["cost_per_1m_tokens_usd"], d["cost_per_1m_tokens_usd"])
+    if ours and "reactive" in results:
+        r = results["reactive"]
+        out["cold_start_added_reduction_vs_reactive"] = reduction(ours["cold_start_added_p50_s"], r["cold_start_added_p50_s"])
+        out["throughput_vs_reactive"] = ours["throughput_tokens_per_s"] / max(1e-9, r["throughput_tokens_per_s"])
+        out["ttft_p50_reduction_vs_reactive"] = reduction(ours["ttft_p50_s"], r["ttft_p50_s"])
+    return out
+
+
+def print_table(results: dict[str, dict]) -> None:
+    table = Table(title="trace replay: lorafaas against the papers' baselines")
+    table.add_column("metric")
+    for name in results:
+        table.add_column(name, justify="right")
+    rows = [
+        ("TTFT p50 / p99 (s)", lambda m: f"{m['ttft_p50_s']:.3f} / {m['ttft_p99_s']:.3f}"),
+        ("TBT p50 (s)", lambda m: f"{m['tbt_p50_s']:.4f}"),
+        ("e2e p50 (s)", lambda m: f"{m['e2e_p50_s']:.3f}"),
+        ("throughput (out tok/s)", lambda m: f"{m['throughput_tokens_per_s']:.1f}"),
+        ("SLO attainment", lambda m: f"{m['slo_attainment']:.1%}"),
+        ("cold starts", lambda m: f"{m['cold_starts']}"),
+        ("cold-start added p50 (s)", lambda m: f"{m['cold_start_added_p50_s']:.3f}"),
+        ("device-seconds", lambda m: f"{m['device_seconds']:.1f}"),
+        ("cost per 1M tokens (USD)", lambda m: f"{m['cost_per_1m_tokens_usd']:.4f}"),
+        ("peak worker memory (MiB)", lambda m: f"{m['peak_memory_bytes'] / 2**20:.0f}"),
+        ("completed / failed", lambda m: f"{m['completed']} / {m['failed']}"),
+    ]
+    for label, fmt in rows:
+        table.add_row(label, *(fmt(m) for m in results.values()))
+    Console().print(table)
+
+
+def write_plots(out_dir: Path, per_system: dict[str, list[RequestRecord]], results: dict[str, dict]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, records in per_system.items():
+        ttfts = sorted(r.ttft for r in records if r.ok)
+        ax.plot(ttfts, [(i + 1) / len(ttfts) for i in range(len(ttfts))], label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("TTFT (s, log)")
+    ax.set_ylabel("fraction of requests")
+    ax.set_title("TTFT CDF")
+    ax.legend()
+    paths.append(out_dir / "replay_ttft_cdf.png")
+    fig.tight_layout()
+    fig.savefig(paths[-1], dpi=120)
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.bar(list(results), [m["cost_per_1m_tokens_usd"] for m in results.values()], color=["tab:green", "tab:red", "tab:orange"][: len(results)])
+    ax.set_ylabel("USD per 1M tokens")
+    ax.set_title("cost per 1M tokens")
+    paths.append(out_dir / "replay_cost.png")
+    fig.tight_layout()
+    fig.savefig(paths[-1], dpi=120)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, records in per_system.items():
+        arrivals = sorted(r.arrival_s for r in records if r.cold)
+        ax.step(arrivals, range(1, len(arrivals) + 1), where="post", label=name)
+    ax.set_xlabel("arrival time in the replay (s)")
+    ax.set_ylabel("cumulative cold starts")
+    ax.set_title("cold starts over time")
+    ax.legend()
+    paths.append(out_dir / "replay_cold_starts.png")
+    fig.tight_layout()
+    fig.savefig(paths[-1], dpi=120)
+    plt.close("all")
+    return paths
+
+
+# --- setup ------------------------------------------------------------------------------------
+def build_models(workdir: Path, shape: str, ranks: list[int]) -> tuple[Path, list[Path]]:
+    from gpuworker.models import build_backbone, make_adapter
+
+    backbone = workdir / "backbones" / shape
+    if not (backbone / "config.json").is_file():
+        build_backbone(backbone, shape, seed=0)
+    adapters = []
+    for i, rank in enumerate(ranks):
+        folder = workdir / "adapters" / f"{shape}-f{i:02d}-r{rank}"
+        if not (folder / "adapter_model.safetensors").is_file():
+            make_adapter(backbone, folder, rank, seed=1000 + i)
+        adapters.append(folder)
+    return backbone, adapters
+
+
+def pool_pages_for(backbone: Path, adapters: list[Path], fraction: float) -> int:
+    """Pages that hold ``fraction`` of the adapters' total size (0 = the engine's default)."""
+    if fraction <= 0:
+        return 0
+    from transformers import AutoConfig
+
+    from gpuworker.engine import AdapterWeights
+    from gpuworker.engine.engine import page_elems_for
+
+    config = AutoConfig.from_pretrained(backbone)
+    page = page_elems_for(config)
+    pages = [-(-AdapterWeights.from_peft_folder(a, config).numel // page) for a in adapters]
+    return max(max(pages), int(sum(pages) * fraction))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--trace", type=Path, default=ROOT / "data" / "AzureLLMInferenceTrace_conv.csv", help="CSV with TIMESTAMP, ContextTokens, GeneratedTokens")
+    p.add_argument("--start", type=float, default=0.0, help="start offset of the slice (s)")
+    p.add_argument("--duration", type=float, default=60.0, help="length of the slice (s)")
+    p.add_argument("--time-scale", type=float, default=1.0, help="replayed gap = original gap x this")
+    p.add_argument("--token-scale", type=float, default=1 / 16, help="token lengths x this")
+    p.add_argument("--max-prompt", type=int, default=128, help="cap on scaled prompt tokens")
+    p.add_argument("--max-output", type=int, default=32, help="cap on scaled output tokens")
+    p.add_argument("--functions", type=int, default=8, help="number of LoRA functions")
+    p.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent of function popularity")
+    p.add_argument("--ranks", default="8,16,32,64,128", help="rank mix each function's rank is drawn from")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1, help="shared-backbone workers (lorafaas, reactive)")
+    p.add_argument("--shape", default="demo", help="backbone shape (tiny, demo, small, llama-7b)")
+    p.add_argument("--pool-fraction", type=float, default=0.5, help="device pool size as a fraction of all adapters' bytes (0 = engine default)")
+    p.add_argument("--idle-timeout", type=float, default=20.0, help="dedicated: stop a function's backbone after this idle time (s)")
+    p.add_argument("--slo-ttft", type=float, default=1.0, help="TTFT SLO (s)")
+    p.add_argument("--slo-tbt", type=float, default=0.25, help="mean time-between-tokens SLO (s)")
+    p.add_argument("--device-price-per-hour", type=float, default=3.00, help="USD per device-hour (default: a public on-demand H100 price)")
+    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {SYSTEMS}")
+    p.add_argument("--workdir", type=Path, default=ROOT / ".lorafaas" / "replay")
+    p.add_argument("--out", type=Path, help="write JSON results here")
+    p.add_argument("--plots", type=Path, help="write PNG plots into this folder")
+    args = p.parse_args(argv)
+    unknown = set(args.systems.split(",")) - set(SYSTEMS)
+    if unknown:
+        p.error(f"unknown systems {sorted(unknown)}; choose from {SYSTEMS}")
+    return args
+
+
+async def run(args: argparse.Namespace) -> dict:
+    scale = trace.TraceScaling(
+        start_s=args.start, duration_s=args.duration, time_scale=args.time_scale, token_scale=args.token_scale,
+        max_prompt_tokens=args.max_prompt, max_output_tokens=args.max_output, functions=args.functions, zipf_s=args.zipf, seed=args.seed,
+    )
+    requests = trace.load_trace(args.trace, scale)
+    ranks = trace.assign_ranks(args.functions, tuple(int(r) for r in args.ranks.split(",")), args.seed)
+    console.print(trace.describe(args.trace, scale, requests))
+    console.print(f"function ranks: {ranks}; systems: {args.systems}; shape {args.shape}")
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    backbone, adapter_dirs = await asyncio.to_thread(build_models, args.workdir, args.shape, ranks)
+    functions = [FunctionSpec(f"f{i:02d}-r{rank}", rank, d) for i, (rank, d) in enumerate(zip(ranks, adapter_dirs))]
+    setup = ReplaySetup(backbone, functions, workers=args.workers, pool_pages=pool_pages_for(backbone, adapter_dirs, args.pool_fraction), idle_timeout_s=args.idle_timeout)
+    base = Settings(s3=S3Settings(endpoint="127.0.0.1:9000", bucket="lorafaas-bench"))
+    results: dict[str, dict] = {}
+    per_system: dict[str, list[RequestRecord]] = {}
+    with DevStack(base, args.workdir / "stack"):
+        for name in args.systems.split(","):
+            system = make_system(name, base, setup, args.workdir)
+            console.print(f"[bold]{name}[/bold]: starting")
+            try:
+                await system.start()
+                records, start, end = await replay_system(system, requests, functions, args.seed)
+                await asyncio.sleep(1.0)  # let the control plane apply the last results
+                await attach_load_times(system, records)
+            finally:
+                await system.stop()
+            results[name] = summarize(system, records, start, end, args)
+            per_system[name] = records
+            failures = [r for r in records if not r.ok][:3]
+            for r in failures:
+                console.print(f"[red]{name} request {r.index} failed[/red] status={r.status} {r.error}")
+    print_table(results)
+    report = {
+        "trace": trace.describe(args.trace, scale, requests),
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "function_ranks": ranks,
+        "pool_pages": setup.pool_pages,
+        "systems": results,
+        "comparisons": comparisons(results),
+    }
+    for key, value in report["comparisons"].items():
+        console.print(f"{key}: {value:.1%}" if "reduction" in key else f"{key}: {value:.2f}x")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2))
+    if args.plots:
+        for path in write_plots(args.plots, per_system, results):
+            console.print(f"plot: {path}")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    report = asyncio.run(run(args))
+    return 0 if all(m["failed"] == 0 for m in report["systems"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,297 @@
+"""The systems a trace replay compares, each a real configuration of our own stack.
+
+- ``lorafaas``: shared backbone, every adapter pre-loaded (S3 -> disk -> host -> device, with a
+  warm-up pass) before traffic, host cache kept, paged pool, mixed-adapter batching.
+- ``reactive``: the S-LoRA-style baseline P-LoRA beats: one shared backbone, adapters loaded from
+  storage only when a request needs them, LRU eviction from the device pool, no host cache, no
+  pre-loading.
+- ``dedicated``: the serverless-LLM baseline ServerlessLoRA beats: every function gets its own
+  backbone copy (its own worker process and work queue), started on its first request and
+  stopped after an idle timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nats
+
+from controlplane.services import catalog
+from lorafaas import wire
+from lorafaas.devstack import free_port
+from lorafaas.names import Names
+from lorafaas.platform import admin, create_tenant_with_key, prepare, publish_backbone, register_function
+from lorafaas.settings import Settings
+from lorafaas.stack import PlatformProcesses, wait_for_worker
+
+SYSTEMS = ("lorafaas", "dedicated", "reactive")
+
+
+@dataclass(frozen=True)
+class FunctionSpec:
+    name: str
+    rank: int
+    adapter_dir: Path
+
+
+@dataclass
+class ReplaySetup:
+    """What every system is given: the same backbone, the same adapters, the same prices."""
+
+    backbone_dir: Path
+    functions: list[FunctionSpec]
+    workers: int = 1
+    pool_pages: int = 0
+    max_batch: int = 16
+    idle_timeout_s: float = 20.0
+    price_input: int = 150_000
+    price_output: int = 600_000
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of a process, from /proc (0 once it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+@dataclass
+class WorkerLife:
+    started: float
+    ready: float | None = None
+    stopped: float | None = None
+
+
+class System:
+    """One system under test: its own database, NATS prefix, ports and worker processes."""
+
+    name = "base"
+
+    def __init__(self, base: Settings, setup: ReplaySetup, workdir: Path) -> None:
+        suffix = uuid.uuid4().hex[:6]
+        db_url = base.database.url.rsplit("/", 1)[0] + f"/lorafaas_bench_{self.name}"
+        self.settings = base.model_copy(
+            update={
+                "nats": base.nats.model_copy(update={"prefix": f"bench{self.name}{suffix}"}),
+                "database": base.database.model_copy(update={"url": db_url}),
+                "gateway_port": free_port(),
+                "controlplane_port": free_port(),
+                "limits": base.limits.model_copy(update={"sync_timeout_s": 600.0, "max_tokens": 4096}),
+            }
+        )
+        self.setup = setup
+        self.workdir = workdir / self.name
+        self.procs = PlatformProcesses(self.settings, self.workdir)
+        self.lives: dict[str, WorkerLife] = {}
+        self.api_key = ""
+        self.peak_memory_bytes = 0
+        self._sampler: asyncio.Task | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.settings.gateway_host}:{self.settings.gateway_port}"
+
+    def worker_env(self, backbone: str, host_cache: bool = True) -> dict[str, str]:
+        env = {
+            "LORAFAAS_WORKER__BACKBONE": backbone,
+            "LORAFAAS_WORKER__BACKBONE_URI": str(self.setup.backbone_dir),
+            "LORAFAAS_WORKER__CACHE_DIR": str(self.workdir / "cache"),
+            "LORAFAAS_WORKER__POOL_PAGES": str(self.setup.pool_pages),
+            "LORAFAAS_WORKER__MAX_BATCH": str(self.setup.max_batch),
+        }
+        if not host_cache:
+            env["LORAFAAS_WORKER__HOST_CACHE_BYTES"] = "0"
+        return env
+
+    # --- lifecycle -----------------------------------------------------------------------
+    async def start(self) -> None:
+        await self._drop_database()
+        await prepare(self.settings)
+        await self.register()
+        await asyncio.to_thread(self.procs.start_controlplane)
+        await asyncio.to_thread(self.procs.start_gateway)
+        await self.start_workers()
+        self._sampler = asyncio.create_task(self._sample_memory())
+
+    async def register(self) -> None:
+        await publish_backbone(self.settings, "bench", self.setup.backbone_dir)
+        tenant_id, self.api_key = await create_tenant_with_key(self.settings, "bench")
+        for fn in self.setup.functions:
+            await register_function(self.settings, tenant_id, fn.name, self.backbone_of(fn), fn.adapter_dir, self.setup.price_input, self.setup.price_output)
+        self.tenant_id = tenant_id
+
+    def backbone_of(self, fn: FunctionSpec) -> str:
+        return "bench"
+
+    async def start_workers(self) -> None:
+        for i in range(self.setup.workers):
+            await self.spawn_worker(f"{self.name}-w{i}", "bench", wait=True)
+
+    async def spawn_worker(self, worker_id: str, backbone: str, wait: bool, host_cache: bool = True) -> None:
+        self.lives[worker_id] = WorkerLife(started=time.monotonic())
+        self.procs.start_worker(worker_id, self.worker_env(backbone, host_cache))
+        if wait:
+            await wait_for_worker(self.settings, worker_id, timeout_s=300)
+            self.lives[worker_id].ready = time.monotonic()
+
+    async def stop(self) -> None:
+        if self._sampler:
+            self._sampler.cancel()
+        now = time.monotonic()
+        for life in self.lives.values():
+            life.stopped = life.stopped or now
+        await asyncio.to_thread(self.procs.stop_all)
+
+    async def _drop_database(self) -> None:
+        import asyncpg
+        from sqlalchemy.engine import make_url
+
+        url = make_url(self.settings.database.url)
+        conn = await asyncpg.connect(host=url.host, port=url.port, user=url.username, database="postgres")
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{url.database}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+    async def _sample_memory(self) -> None:
+        while True:
+            total = sum(rss_bytes(p.pid) for n, p in self.procs.procs.items() if n.startswith("worker-") and p.poll() is None)
+            self.peak_memory_bytes = max(self.peak_memory_bytes, total)
+            await asyncio.sleep(0.25)
+
+    # --- per request -----------------------------------------------------------------------
+    async def before_request(self, function_index: int, now: float) -> float | None:
+        """Called at each arrival; returns when the function's backbone became ready if it was
+        not resident at arrival (a backbone cold start), else None."""
+        return None
+
+    def after_request(self, function_index: int, now: float) -> None:
+        pass
+
+    def device_seconds(self, start: float, end: float) -> float:
+        """Device time held during [start, end]: each worker is one accelerator."""
+        held = 0.0
+        for life in self.lives.values():
+            lo, hi = max(start, life.started), min(end, life.stopped or end)
+            held += max(0.0, hi - lo)
+        return held
+
+
+class LorafaasSystem(System):
+    name = "lorafaas"
+
+    async def start_workers(self) -> None:
+        await super().start_workers()
+        await self.preload()
+
+    async def preload(self) -> None:
+        """ServerlessLoRA's comprehensive pre-loading: every adapter onto every worker, warmed up."""
+        names = Names(self.settings.nats.prefix)
+        async with admin(self.settings) as a:
+            refs = [(await catalog.served_function(a.session, self.tenant_id, fn.name)).adapter_ref() for fn in self.setup.functions]
+        nc = await nats.connect(self.settings.nats.url)
+        try:
+            for worker_id in self.lives:
+                for ref in refs:
+                    command = wire.WorkerCommand(command=wire.CommandKind.PREFETCH, adapter=ref)
+                    await nc.request(names.worker_command_subject(worker_id), command.encode(), timeout=120)
+        finally:
+            await nc.close()
+
+
+class ReactiveSystem(System):
+    name = "reactive"
+
+    async def spawn_worker(self, worker_id: str, backbone: str, wait: bool, host_cache: bool = True) -> None:
+        await super().spawn_worker(worker_id, backbone, wait, host_cache=False)
+
+
+class DedicatedSystem(System):
+    """Each function on its own backbone copy: a worker per function, started on demand."""
+
+    name = "dedicated"
+
+    def __init__(self, base: Settings, setup: ReplaySetup, workdir: Path) -> None:
+        super().__init__(base, setup, workdir)
+        self.inflight: dict[int, int] = {}
+        self.last_done: dict[int, float] = {}
+        self.ready_events: dict[int, asyncio.Event] = {}
+        self.worker_of: dict[int, str] = {}
+        self.ready_at: dict[int, float] = {}
+        self._reaper: asyncio.Task | None = None
+
+    def backbone_of(self, fn: FunctionSpec) -> str:
+        return f"ded-{fn.name}"
+
+    async def register(self) -> None:
+        uri = await publish_backbone(self.settings, "bench", self.setup.backbone_dir)
+        async with admin(self.settings) as a:
+            bb = await catalog.backbone_by_name(a.session, "bench")
+            for fn in self.setup.functions:  # the same weights, one backbone (and queue) per function
+                await catalog.register_backbone(a.session, self.backbone_of(fn), uri, bb.shape, bb.max_context)
+        tenant_id, self.api_key = await create_tenant_with_key(self.settings, "bench")
+        for fn in self.setup.functions:
+            await register_function(self.settings, tenant_id, fn.name, self.backbone_of(fn), fn.adapter_dir, self.setup.price_input, self.setup.price_output)
+        self.tenant_id = tenant_id
+
+    async def start_workers(self) -> None:
+        self._reaper = asyncio.create_task(self._reap())
+
+    def _worker_id(self, function_index: int) -> str:
+        return f"ded-{function_index}-{len(self.lives)}"
+
+    async def before_request(self, function_index: int, now: float) -> float | None:
+        self.inflight[function_index] = self.inflight.get(function_index, 0) + 1
+        event = self.ready_events.get(function_index)
+        if event is not None and event.is_set():
+            return None
+        if event is None:  # cold: start this function's own backbone
+            event = self.ready_events[function_index] = asyncio.Event()
+            asyncio.create_task(self._start_function_worker(function_index, event))
+        return await self._ready_time(function_index, event)
+
+    async def _ready_time(self, function_index: int, event: asyncio.Event) -> float:
+        await event.wait()
+        return self.ready_at[function_index]
+
+    async def _start_function_worker(self, function_index: int, event: asyncio.Event) -> None:
+        worker_id = self._worker_id(function_index)
+        fn = self.setup.functions[function_index]
+        await self.spawn_worker(worker_id, self.backbone_of(fn), wait=True)
+        self.worker_of[function_index] = worker_id
+        self.ready_at[function_index] = self.lives[worker_id].ready or time.monotonic()
+        event.set()
+
+    def after_request(self, function_index: int, now: float) -> None:
+        self.inflight[function_index] -= 1
+        self.last_done[function_index] = now
+
+    async def _reap(self) -> None:
+        """Stop a function's worker once it has been idle for the timeout (scale to zero)."""
+        while True:
+            await asyncio.sleep(0.5)
+            now = time.monotonic()
+            for fi, event in list(self.ready_events.items()):
+                idle = self.inflight.get(fi, 0) == 0 and now - self.last_done.get(fi, now) > self.setup.idle_timeout_s
+                if event.is_set() and idle:
+                    worker_id = self.worker_of[fi]
+                    del self.ready_events[fi]
+                    self.lives[worker_id].stopped = now
+                    await asyncio.to_thread(self.procs.stop_one, f"worker-{worker_id}")
+
+    async def stop(self) -> None:
+        if self._reaper:
+            self._reaper.cancel()
+        await super().stop()
+
+
+def make_system(name: str, base: Settings, setup: ReplaySetup, workdir: Path) -> System:
+    return {"lorafaas": LorafaasSystem, "reactive": ReactiveSystem, "dedicated": DedicatedSystem}[name](base, setup, workdir)

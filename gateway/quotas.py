@@ -1,0 +1,54 @@
+"""The gateway's quota guard: the control plane's numbers, cached, enforced on every accept.
+
+Each tenant's limits are cached here and dropped as soon as the control plane announces a
+change on ``Names.quota_changed_subject`` (a TTL is the safety net if a message is lost).
+The counters themselves (in flight, tokens of the last minute, this month's spend) are read
+inside the accepting transaction, so every gateway sees the same totals.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from controlplane.services import quotas
+from lorafaas.names import Names
+from lorafaas.settings import ControlPlaneSettings
+
+log = logging.getLogger(__name__)
+
+
+class QuotaGuard:
+    def __init__(self, settings: ControlPlaneSettings) -> None:
+        self.settings = settings
+        self._cache: dict[str, tuple[float, quotas.TenantQuota]] = {}
+
+    async def listen(self, nc: NATS, names: Names) -> None:
+        """Subscribe to invalidations (an empty payload drops every tenant)."""
+        await nc.subscribe(names.quota_changed_subject, cb=self._on_change)
+
+    async def _on_change(self, msg: Msg) -> None:
+        self.invalidate(msg.data.decode() or None)
+
+    def invalidate(self, tenant_id: str | None = None) -> None:
+        if tenant_id is None:
+            self._cache.clear()
+        else:
+            self._cache.pop(tenant_id, None)
+
+    async def quota(self, session: AsyncSession, tenant_id: str) -> quotas.TenantQuota:
+        cached = self._cache.get(tenant_id)
+        if cached is not None and time.monotonic() - cached[0] < self.settings.quota_cache_ttl_s:
+            return cached[1]
+        quota = await quotas.load_quota(session, tenant_id)
+        self._cache[tenant_id] = (time.monotonic(), quota)
+        return quota
+
+    async def check(self, session: AsyncSession, tenant_id: str, requested_tokens: int) -> None:
+        """Raise PaymentRequired (402) or QuotaExceeded (429, Retry-After) if the tenant is over a limit."""
+        quota = await self.quota(session, tenant_id)
+        await quotas.enforce(session, quota, requested_tokens, self.settings.in_flight_horizon_s)
