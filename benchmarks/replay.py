@@ -99,10 +99,13 @@ async def stream_completion(client: httpx.AsyncClient, model: str, prompt: str, 
                 rec.error = str(chunk["error"])[:300]
                 return
             rec.invocation_id = rec.invocation_id or chunk.get("id", "")
-            if chunk.get("choices"):
-                now = time.perf_counter()
+            choices = chunk.get("choices") or [{}]
+            now = time.perf_counter()
+            if choices[0].get("text"):
                 rec.first_token = rec.first_token or now
                 rec.chunk_times.append(now)
+            elif choices[0].get("finish_reason"):  # finished without visible text (e.g. eos first)
+                rec.first_token = rec.first_token or now
             if chunk.get("usage"):
                 rec.completion_tokens = chunk["usage"]["completion_tokens"]
                 rec.usage_prompt_tokens = chunk["usage"]["prompt_tokens"]

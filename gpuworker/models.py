@@ -52,7 +52,6 @@ SHAPES: dict[str, BackboneShape] = {
     "llama-7b": BackboneShape("llama-7b", 4096, 11008, 32, 32, 32, vocab_size=32000, max_position_embeddings=4096),
 }
 
-LLAMA_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def build_tokenizer(vocab_size: int):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lorafaas.llama import LLAMA_MODULES, llama_module_dims
 from lorafaas.artifacts import ADAPTER_OPTIONAL, ADAPTER_REQUIRED
 from lorafaas.errors import InvalidArtifact
 from lorafaas.settings import LimitSettings
@@ -26,7 +27,6 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 # Formats that unpickle on load and can run arbitrary code: refused whatever their name.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-LLAMA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # dtype -> (numpy dtype of the raw bytes, bytes per element)
 _DTYPES = {"F64": (np.float64, 8), "F32": (np.float32, 4), "F16": (np.float16, 2), "BF16": (np.uint16, 2)}
 _MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own cap on header size
@@ -52,17 +52,7 @@ class BackboneSpec:
             hidden, heads, kv, inter = s["hidden_size"], s["num_attention_heads"], s["num_key_value_heads"], s["intermediate_size"]
         except KeyError as e:
             raise InvalidArtifact(f"backbone '{self.name}' has no {e.args[0]} in its recorded shape; re-register it with its shape") from e
-        head_dim = s.get("head_dim") or hidden // heads
-        q_out, kv_out = heads * head_dim, kv * head_dim
-        return {
-            "q_proj": (hidden, q_out),
-            "k_proj": (hidden, kv_out),
-            "v_proj": (hidden, kv_out),
-            "o_proj": (q_out, hidden),
-            "gate_proj": (hidden, inter),
-            "up_proj": (hidden, inter),
-            "down_proj": (inter, hidden),
-        }
+        return llama_module_dims(hidden, heads, kv, inter, s.get("head_dim"))
 
 
 @dataclass(frozen=True)

@@ -21,14 +21,13 @@ from typing import Any
 import torch
 
 from lorafaas.errors import InvalidArtifact
+from lorafaas.llama import ATTN_MODULES, LLAMA_MODULES, MLP_MODULES, llama_module_dims
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILES = ("adapter_model.bin", "pytorch_model.bin")
 
-ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
-MODULES = ATTN_MODULES + MLP_MODULES
+MODULES = LLAMA_MODULES
 _PARENT = {m: "self_attn" for m in ATTN_MODULES} | {m: "mlp" for m in MLP_MODULES}
 
 # PEFT names tensors base_model.model.model.layers.N.self_attn.q_proj.lora_A[.adapter].weight
@@ -37,20 +36,9 @@ _KEY = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(\w+)\.(
 
 def module_dims(config: Any) -> dict[str, tuple[int, int]]:
     """(in_features, out_features) of every LoRA-targetable linear layer of a Llama config."""
-    hidden = config.hidden_size
-    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
-    q_out = config.num_attention_heads * head_dim
-    kv_out = config.num_key_value_heads * head_dim
-    inter = config.intermediate_size
-    return {
-        "q_proj": (hidden, q_out),
-        "k_proj": (hidden, kv_out),
-        "v_proj": (hidden, kv_out),
-        "o_proj": (q_out, hidden),
-        "gate_proj": (hidden, inter),
-        "up_proj": (hidden, inter),
-        "down_proj": (inter, hidden),
-    }
+    return llama_module_dims(
+        config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.intermediate_size, getattr(config, "head_dim", None)
+    )
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from gpuworker.engine import AdapterWeights, LoraEngine
-from gpuworker.models import LLAMA_LINEAR_MODULES, build_backbone, load_backbone, make_adapter
+from gpuworker.models import build_backbone, load_backbone, make_adapter
+from lorafaas.llama import LLAMA_MODULES as LLAMA_LINEAR_MODULES
 
 
 @dataclass(frozen=True)
