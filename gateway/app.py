@@ -15,6 +15,7 @@ from gateway.db import GuardedSessions, make_gateway_engine
 from gateway.dispatch import Dispatcher
 from gateway.metrics import GatewayMetrics
 from gateway.openai_routes import router as openai_router
+from gateway.auth import KeyCache
 from gateway.quotas import QuotaGuard
 from gateway.routes import router
 from gateway.service import InvocationService
@@ -32,6 +33,7 @@ class GatewayRuntime:
     nc: NATS
     invocations: InvocationService
     metrics: GatewayMetrics
+    keys: KeyCache
 
 
 async def connect_nats(settings: Settings, name: str) -> NATS:
@@ -57,10 +59,12 @@ def create_app(settings: Settings) -> FastAPI:
         await ensure_streams(js, names)
         quota_guard = QuotaGuard(settings.controlplane)
         await quota_guard.listen(nc, names)
+        key_cache = KeyCache(settings.controlplane.key_cache_ttl_s)
+        await key_cache.listen(nc, names)
         service = InvocationService(
             GuardedSessions(make_sessionmaker(engine)), Dispatcher(nc, js, names), settings, TokenCounter(ArtifactStore(settings.s3)), metrics, quota_guard
         )
-        app.state.runtime = GatewayRuntime(settings, nc, service, metrics)
+        app.state.runtime = GatewayRuntime(settings, nc, service, metrics, key_cache)
         try:
             yield
         finally:

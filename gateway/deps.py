@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from controlplane.services.keys import Principal, authenticate
+from controlplane.services.keys import Principal
 from gateway.service import InvocationService
 
 _bearer = HTTPBearer(auto_error=False, description="A tenant API key: 'Authorization: Bearer lf_...'")
@@ -18,9 +18,8 @@ def _service(request: Request) -> InvocationService:
 
 
 async def _principal(request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Principal:
-    service = _service(request)
-    async with service.sessions() as session:
-        return await authenticate(session, credentials.credentials if credentials else None)
+    runtime = request.app.state.runtime
+    return await runtime.keys.principal(runtime.invocations.sessions, credentials.credentials if credentials else None)
 
 
 ServiceDep = Annotated[InvocationService, Depends(_service)]

@@ -1,7 +1,7 @@
 """The gateway's quota guard: the control plane's numbers, cached, enforced on every accept.
 
 Each tenant's limits are cached here and dropped as soon as the control plane announces a
-change on ``Names.quota_changed_subject`` (a TTL is the safety net if a message is lost).
+change on ``Names.tenant_changed_subject`` (a TTL is the safety net if a message is lost).
 The counters themselves (in flight, tokens of the last minute, this month's spend) are read
 inside the accepting transaction, so every gateway sees the same totals.
 """
@@ -29,7 +29,7 @@ class QuotaGuard:
 
     async def listen(self, nc: NATS, names: Names) -> None:
         """Subscribe to invalidations (an empty payload drops every tenant)."""
-        await nc.subscribe(names.quota_changed_subject, cb=self._on_change)
+        await nc.subscribe(names.tenant_changed_subject, cb=self._on_change)
 
     async def _on_change(self, msg: Msg) -> None:
         self.invalidate(msg.data.decode() or None)

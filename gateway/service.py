@@ -25,7 +25,6 @@ from gateway.db import GuardedSessions
 from gateway.dispatch import Dispatcher, Watch
 from gateway.metrics import GatewayMetrics
 from gateway.quotas import QuotaGuard
-from gateway.quotas import QuotaGuard
 from gateway.schemas import CallbackStatus, InvocationStatus, InvokeRequest, InvokeResponse, Usage
 from gateway.tokens import TokenCounter
 from lorafaas import wire
@@ -57,7 +56,7 @@ class InvocationService:
     settings: Settings
     tokens: TokenCounter
     metrics: GatewayMetrics
-    # Tenant quotas (controlplane, issue 5): checked on every accept when present.
+    # Tenant quotas: 402 past the spend cap, 429 past tokens/minute or concurrency; None enforces none.
     quotas: QuotaGuard | None = None
     # (tenant, function name) -> (expiry, resolved function): saves a join per request; a new
     # adapter version or limit is seen within SERVED_TTL_S.
@@ -69,9 +68,12 @@ class InvocationService:
         if cached is not None and cached[0] > now:
             return cached[1]
         served = await catalog.served_function(session, tenant_id, name)
+        # Detached with their loaded values, so a rollback of this request (a 4xx after the
+        # lookup) cannot expire the cached copies under later requests.
+        for row in (served.function, served.artifact, served.backbone):
+            session.expunge(row)
         self._served[(tenant_id, name)] = (now + SERVED_TTL_S, served)
         return served
-    quotas: QuotaGuard | None = None  # tenant quotas (issue 5); None enforces none
 
     # --- accept ------------------------------------------------------------------------
     async def accept(
@@ -108,8 +110,6 @@ class InvocationService:
             depth, limit = await admission.queue_depth(session, served.function.id), admission.queue_limit(served, self.settings.nats)
             self.metrics.queue_depth.labels(function=function_name).set(depth)
             admission.check_queue(served, depth, limit)
-            if self.quotas is not None:
-                await self.quotas.check(session, principal.tenant_id, (prompt_tokens or 0) + req.max_tokens)
             if self.quotas is not None:  # 402 past the spend cap, 429 past tokens/minute or concurrency
                 await self.quotas.check(session, principal.tenant_id, (prompt_tokens or 0) + req.max_tokens)
             row = await invocations.accept(session, served, req.prompt, sampling, req.mode, idempotency_key=key, request_hash=digest)

@@ -35,6 +35,7 @@ from lorafaas.streams import worker_consumer_config
 
 log = logging.getLogger(__name__)
 
+POOL_RETRY_S = 0.02
 PERMANENT = (InvalidArtifact, ArtifactIntegrityError, InvalidInput, NotFound)
 
 
@@ -176,12 +177,23 @@ class WorkerService:
                 return
 
     async def _load_adapter(self, ref: wire.AdapterRef) -> float:
-        try:
-            return await self.adapters.ensure_on_device(ref)
-        except PoolFullError:
-            # Contention: make room by offloading the coldest idle adapters, then try once more.
-            await self.adapters.offload_coldest(count=2)
-            return await self.adapters.ensure_on_device(ref)
+        """Bring the adapter to the device; returns the seconds it added, waits for room included.
+
+        When every page is pinned by running requests (a burst of many adapters), the request
+        waits for some of them to finish and unpin their adapters instead of failing.
+        """
+        started = time.perf_counter()
+        deadline = time.monotonic() + self.settings.pool_wait_s
+        waited = False
+        while True:
+            try:
+                load_s = await self.adapters.ensure_on_device(ref)
+                return time.perf_counter() - started if load_s > 0 or waited else 0.0
+            except PoolFullError:
+                if time.monotonic() > deadline:
+                    raise
+                waited = True
+                await asyncio.sleep(POOL_RETRY_S)
 
     def _tokenize(self, inv: wire.Invocation) -> list[int]:
         ids = self.tokenizer(inv.prompt, add_special_tokens=True)["input_ids"]

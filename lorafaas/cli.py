@@ -52,6 +52,14 @@ def _tenant_create(settings: Settings, args: argparse.Namespace) -> None:
     print(f"tenant_id={tenant_id}\napi_key={secret}\n(the key is shown only once)")
 
 
+def _key_create(settings: Settings, args: argparse.Namespace) -> None:
+    from controlplane.services.keys import ALL_SCOPES
+    from lorafaas.platform import create_api_key
+
+    key_id, secret = asyncio.run(create_api_key(settings, args.tenant_id, tuple(args.scope or ALL_SCOPES), args.expires_in_days))
+    print(f"key_id={key_id}\napi_key={secret}\n(the key is shown only once)")
+
+
 def _backbone_register(settings: Settings, args: argparse.Namespace) -> None:
     from lorafaas.platform import publish_backbone
 
@@ -138,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--expires-in-days", type=float, default=None)
     p.set_defaults(func=_tenant_create)
+    p = admin.add_parser("create-key", help="create another API key for a tenant")
+    p.add_argument("--tenant-id", required=True)
+    p.add_argument("--scope", action="append", choices=["invoke", "read-usage", "manage-functions"], help="repeat for several (default: all)")
+    p.add_argument("--expires-in-days", type=float, default=None)
+    p.set_defaults(func=_key_create)
     p = admin.add_parser("register-backbone", help="upload a Hugging Face model folder to S3 and register it")
     p.add_argument("name")
     p.add_argument("folder", help="the model folder (written first with --build)")
@@ -176,6 +189,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _describe_error(e: Exception) -> str:
+    if isinstance(e, LorafaasError):
+        return e.message
+    from sqlalchemy.exc import ProgrammingError, SQLAlchemyError
+
+    if isinstance(e, ProgrammingError):
+        return f"the database schema does not match this version; run `lorafaas migrate` ({e.orig})"
+    if isinstance(e, SQLAlchemyError):
+        return f"database error: {e.__class__.__name__}: {getattr(e, 'orig', e)}"
+    return str(e) or type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -184,10 +209,9 @@ def main(argv: list[str] | None = None) -> int:
         args.func(settings, args)
     except KeyboardInterrupt:
         return 130
-    except (LorafaasError, ValueError, TimeoutError, RuntimeError, OSError) as e:
-        message = e.message if isinstance(e, LorafaasError) else str(e) or type(e).__name__
+    except Exception as e:  # one line on stderr and exit 1; the traceback with --verbose
+        print(f"lorafaas: error: {_describe_error(e)}", file=sys.stderr)
         logging.getLogger("lorafaas").info("command failed", exc_info=e)
-        print(f"lorafaas: error: {message}", file=sys.stderr)
         return 1
     return 0
 

@@ -96,9 +96,9 @@ class Names:
         return f"{self.prefix}.heartbeat"
 
     @property
-    def quota_changed_subject(self) -> str:
-        """Core NATS: a tenant's quota or status changed; gateways drop their cached copy."""
-        return f"{self.prefix}.controlplane.quota_changed"
+    def tenant_changed_subject(self) -> str:
+        """Core NATS: a tenant's keys, status or quotas changed; gateways drop their cached copies."""
+        return f"{self.prefix}.controlplane.tenant_changed"
 
     # --- consumers -----------------------------------------------------------------
     def worker_consumer(self, backbone: str) -> str:

@@ -72,6 +72,14 @@ async def create_tenant_with_key(settings: Settings, name: str, expires_in_days:
         return tenant.id, secret
 
 
+async def create_api_key(settings: Settings, tenant_id: str, scopes: tuple[str, ...] = keys.ALL_SCOPES, expires_in_days: float | None = None) -> tuple[str, str]:
+    """A new API key for an existing tenant; returns (key id, secret). The secret is shown once."""
+    expires = datetime.now(timezone.utc) + timedelta(days=expires_in_days) if expires_in_days else None
+    async with admin(settings) as a:
+        key, secret = await keys.create_api_key(a.session, tenant_id, name="cli", scopes=scopes, expires_at=expires)
+        return key.id, secret
+
+
 async def register_function(
     settings: Settings,
     tenant_id: str,

@@ -71,6 +71,8 @@ class WorkerSettings(BaseModel):
     pool_pages: int = 0
     # Host-memory tier of parsed adapters; 0 disables it (every device reload reads disk).
     host_cache_bytes: int = 2 * 1024**3
+    # How long a request may wait for device pool pages that running requests have pinned.
+    pool_wait_s: float = 120.0
     report_interval_s: float = 1.0
     step_latency_target_s: float = 0.5
     heartbeat_interval_s: float = 5.0
@@ -83,6 +85,9 @@ class ControlPlaneSettings(BaseModel):
     device_price_micros_per_hour: int = 2_500_000
     # Safety net beside NATS invalidation: a gateway re-reads a tenant's quota at least this often.
     quota_cache_ttl_s: float = 5.0
+    # Gateways cache authenticated keys this long at most, so a revocation, expiry or suspension
+    # is honoured within it even if the change announcement is lost.
+    key_cache_ttl_s: float = 1.0
     # Invocations accepted longer ago than this no longer count as in flight for concurrency quotas.
     in_flight_horizon_s: float = 900.0
 

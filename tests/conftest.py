@@ -98,3 +98,11 @@ def adapter_dirs(session_tmp: Path, backbone_dir: Path) -> dict[str, Path]:
 
     specs = {"a8": (8, 1), "b16": (16, 2), "c32": (32, 3)}
     return {name: make_adapter(backbone_dir, session_tmp / f"adapter-{name}", rank, seed, scale=2.0) for name, (rank, seed) in specs.items()}
+
+
+@pytest.fixture(scope="session")
+def platform(settings: Settings, backbone_dir: Path, adapter_dirs: dict[str, Path], session_tmp: Path) -> Iterator["Platform"]:
+    """One running platform for every end-to-end test of the session."""
+    from tests.support.platform import run_platform
+
+    yield from run_platform(settings, backbone_dir, adapter_dirs, session_tmp)

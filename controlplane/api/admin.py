@@ -55,7 +55,7 @@ async def get_tenant(tenant_id: str, session: ReadSessionDep) -> TenantOut:
 async def _set_status(rt: RuntimeDep, tenant_id: str, status: TenantStatus) -> TenantOut:
     async with rt.transaction() as session:
         tenant = await keys.set_tenant_status(session, tenant_id, status)
-    await rt.quota_changed(tenant_id)
+    await rt.tenant_changed(tenant_id)
     return TenantOut.of(tenant)
 
 
@@ -76,7 +76,7 @@ async def set_quotas(tenant_id: str, body: QuotaBody, rt: RuntimeDep) -> TenantO
     async with rt.transaction() as session:
         await quotas.set_quota(session, tenant_id, **body.model_dump(exclude_unset=True))
         tenant = await keys.get_tenant(session, tenant_id)
-    await rt.quota_changed(tenant_id)
+    await rt.tenant_changed(tenant_id)
     return TenantOut.of(tenant)
 
 
@@ -97,9 +97,11 @@ async def list_keys(tenant_id: str, session: ReadSessionDep) -> Page[KeyOut]:
 
 @router.delete("/tenants/{tenant_id}/keys/{key_id}", response_model=KeyOut)
 async def revoke_key(tenant_id: str, key_id: str, rt: RuntimeDep) -> KeyOut:
-    """Revocation is committed before this answers; gateways read keys from Postgres per request."""
+    """Revocation is committed before this answers and announced to the gateways, whose key cache
+    holds an entry for at most ``key_cache_ttl_s`` (1 s) even if the announcement is lost."""
     async with rt.transaction() as session:
         key = await keys.revoke_api_key(session, tenant_id, key_id)
+    await rt.tenant_changed(tenant_id)
     return KeyOut.of(key)
 
 

@@ -41,10 +41,10 @@ class ControlPlaneRuntime:
         async with self.sessions.begin() as session:
             yield session
 
-    async def quota_changed(self, tenant_id: str) -> None:
+    async def tenant_changed(self, tenant_id: str) -> None:
         """Tell every gateway to drop its cached quota of this tenant (after the commit)."""
         try:
-            await self.nc.publish(self.names.quota_changed_subject, tenant_id.encode())
+            await self.nc.publish(self.names.tenant_changed_subject, tenant_id.encode())
             await self.nc.flush(timeout=1)
         except Exception as e:  # the gateways' cache TTL is the safety net
             log.warning("could not publish quota change of %s: %s", tenant_id, e)

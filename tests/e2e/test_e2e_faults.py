@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 
 from controlplane.db.models import Invocation, InvocationState, UsageRecord
 from lorafaas.platform import admin, publish_backbone, register_function
-from tests.e2e.conftest import PRICE_IN, PRICE_OUT, Platform
+from tests.support.platform import PRICE_IN, PRICE_OUT, Platform
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 

@@ -11,7 +11,7 @@ from sqlalchemy import update
 
 from controlplane.db.models import Function
 from lorafaas.platform import admin, publish_backbone, register_function
-from tests.e2e.conftest import PRICE_IN, PRICE_OUT, Platform, platform  # noqa: F401  (the session fixture)
+from tests.support.platform import PRICE_IN, PRICE_OUT, Platform  # noqa: F401
 
 
 async def sse_events(response: httpx.Response) -> AsyncIterator[tuple[str | None, str]]:

@@ -10,7 +10,7 @@ from sqlalchemy import select
 
 from controlplane.db.models import UsageRecord
 from lorafaas.platform import admin
-from tests.e2e.conftest import Platform
+from tests.support.platform import Platform
 from tests.gateway.conftest import poll_status, sse_events, stream_invoke
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]

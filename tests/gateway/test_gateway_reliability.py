@@ -19,7 +19,7 @@ from lorafaas.names import Names
 from lorafaas.settings import NatsSettings
 from lorafaas.stack import PlatformProcesses
 from lorafaas.streams import worker_consumer_config
-from tests.e2e.conftest import Platform
+from tests.support.platform import Platform
 from tests.gateway.conftest import idle_function, poll_status
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]

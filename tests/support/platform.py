@@ -1,15 +1,14 @@
-"""The whole platform as processes: control plane, gateway and a worker on the tiny backbone."""
+"""The whole platform as processes (control plane, gateway, a worker on the tiny backbone) for the
+end-to-end tests; the session fixture ``platform`` in tests/conftest.py starts it once."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import pytest
-import pytest_asyncio
 
 from lorafaas.platform import admin, create_tenant_with_key, publish_backbone, register_function
 from lorafaas.settings import Settings
@@ -50,8 +49,8 @@ async def _setup(settings: Settings, backbone_dir: Path, adapter_dirs: dict[str,
             platform.functions[name] = (tenant, adapter_dirs[adapter])
 
 
-@pytest.fixture(scope="session")
-def platform(settings: Settings, backbone_dir: Path, adapter_dirs: dict[str, Path], session_tmp: Path) -> Iterator[Platform]:
+def run_platform(settings: Settings, backbone_dir: Path, adapter_dirs: dict[str, Path], session_tmp: Path) -> Iterator[Platform]:
+    """Start the platform, yield it, stop it."""
     uri = asyncio.run(publish_backbone(settings, "tiny", backbone_dir))
     procs = PlatformProcesses(settings, session_tmp / "platform")
     p = Platform(settings, procs, uri)
