@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -18,9 +20,22 @@ FIELDS = {
 }
 
 
+def _other_trace(path: Path, requests: int = 14, seed: int = 7) -> Path:
+    """A trace file other than the Azure one, in the same format: Poisson arrivals, other lengths."""
+    rng = random.Random(seed)
+    start, t, rows = datetime(2024, 5, 1, 9, 0, 0), 0.0, ["TIMESTAMP,ContextTokens,GeneratedTokens"]
+    for _ in range(requests):
+        t += rng.expovariate(2.5)
+        rows.append(f"{(start + timedelta(seconds=t)):%Y-%m-%d %H:%M:%S.%f}0,{rng.randint(20, 3000)},{rng.randint(5, 400)}")
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
 def test_short_replay_serves_every_request_in_every_system(tmp_path: Path) -> None:
+    """The same command on a trace file other than the project's: every system serves every request."""
     out = tmp_path / "replay.json"
     args = parse_args([
+        "--trace", str(_other_trace(tmp_path / "other.csv")),
         "--shape", "tiny", "--duration", "6", "--functions", "3", "--max-prompt", "24", "--max-output", "6",
         "--idle-timeout", "3", "--workdir", str(tmp_path / "work"), "--out", str(out), "--plots", str(tmp_path / "plots"),
     ])
