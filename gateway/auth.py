@@ -11,24 +11,16 @@ from __future__ import annotations
 
 import time
 
-from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from controlplane.services.keys import Principal, authenticate, hash_secret
-from lorafaas.names import Names
+from gateway.tenant_changes import TenantInvalidated
 
 
-class KeyCache:
+class KeyCache(TenantInvalidated):
     def __init__(self, ttl_s: float) -> None:
         self.ttl_s = ttl_s
         self._entries: dict[str, tuple[float, Principal]] = {}  # secret hash -> (expiry, principal)
-
-    async def listen(self, nc: NATS, names: Names) -> None:
-        await nc.subscribe(names.tenant_changed_subject, cb=self._on_change)
-
-    async def _on_change(self, msg: Msg) -> None:
-        self.invalidate(msg.data.decode() or None)
 
     def invalidate(self, tenant_id: str | None = None) -> None:
         """Drop one tenant's keys (or all, for an empty announcement)."""

@@ -11,28 +11,19 @@ from __future__ import annotations
 import logging
 import time
 
-from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controlplane.services import quotas
-from lorafaas.names import Names
+from gateway.tenant_changes import TenantInvalidated
 from lorafaas.settings import ControlPlaneSettings
 
 log = logging.getLogger(__name__)
 
 
-class QuotaGuard:
+class QuotaGuard(TenantInvalidated):
     def __init__(self, settings: ControlPlaneSettings) -> None:
         self.settings = settings
         self._cache: dict[str, tuple[float, quotas.TenantQuota]] = {}
-
-    async def listen(self, nc: NATS, names: Names) -> None:
-        """Subscribe to invalidations (an empty payload drops every tenant)."""
-        await nc.subscribe(names.tenant_changed_subject, cb=self._on_change)
-
-    async def _on_change(self, msg: Msg) -> None:
-        self.invalidate(msg.data.decode() or None)
 
     def invalidate(self, tenant_id: str | None = None) -> None:
         if tenant_id is None:
