@@ -174,7 +174,7 @@ class System:
         return None
 
     def after_request(self, function_index: int, now: float) -> None:
-        pass
+        """Called when a request finishes (the dedicated system's idle clock starts here)."""
 
     def device_seconds(self, start: float, end: float) -> float:
         """Device time held during [start, end]: each worker is one accelerator."""

@@ -376,8 +376,9 @@ class WorkerService:
             ignore_eos=True,
         )
         outputs = await self.runner.submit(warmup)
-        while not (await outputs.get()).finished:
-            pass
+        finished = False
+        while not finished:  # one token: the outputs of the warm-up are discarded
+            finished = (await outputs.get()).finished
 
     def contention_report(self) -> wire.ContentionReport:
         pool = self.runner.engine.pool_stats()

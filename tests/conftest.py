@@ -6,6 +6,7 @@ PEFT adapters built in code, and the platform's processes for end-to-end tests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ import asyncpg
 import nats
 import pytest
 import pytest_asyncio
+from nats.js.errors import NotFoundError
 
 from lorafaas.devstack import DevStack, free_port, start_s3, stop_process
 from lorafaas.names import Names
@@ -70,10 +72,8 @@ async def _drop(s: Settings) -> None:
     nc = await nats.connect(s.nats.url)
     js = nc.jetstream()
     for config in stream_configs(Names(s.nats.prefix)):
-        try:
+        with contextlib.suppress(NotFoundError):
             await js.delete_stream(config.name)
-        except Exception:
-            pass
     await nc.close()
 
 
