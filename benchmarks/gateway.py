@@ -36,7 +36,7 @@ from lorafaas.names import Names
 from lorafaas.platform import create_tenant_with_key, prepare, publish_backbone, register_function
 from lorafaas.settings import DatabaseSettings, NatsSettings, S3Settings, Settings
 from lorafaas.stack import PlatformProcesses
-from lorafaas.streams import stream_configs
+from lorafaas.streams import delete_streams
 
 console = Console()
 NULL_WORKER = Path(__file__).with_name("null_worker.py")
@@ -126,11 +126,7 @@ async def setup_function(settings: Settings, workdir: Path) -> str:
 async def cleanup(settings: Settings) -> None:
     nc = await nats.connect(settings.nats.url)
     js = nc.jetstream()
-    for config in stream_configs(Names(settings.nats.prefix)):
-        try:
-            await js.delete_stream(config.name)
-        except Exception:
-            pass
+    await delete_streams(js, Names(settings.nats.prefix))
     await nc.close()
     dsn = settings.database.url.replace("postgresql+asyncpg", "postgresql")
     conn = await asyncpg.connect(dsn.rsplit("/", 1)[0] + "/postgres")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from nats.aio.client import Client as NATS
@@ -31,10 +32,8 @@ class WorkerRegistry:
         try:
             while not self._stopping.is_set():
                 await self.reap()
-                try:
+                with contextlib.suppress(asyncio.TimeoutError):  # the next sweep is due
                     await asyncio.wait_for(self._stopping.wait(), timeout=max(0.2, self.dead_after_s / 4))
-                except asyncio.TimeoutError:
-                    pass
         finally:
             await sub.unsubscribe()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
@@ -57,6 +59,13 @@ async def ensure_streams(js: JetStreamContext, names: Names) -> None:
             await js.update_stream(config)
         except NotFoundError:
             await js.add_stream(config)
+
+
+async def delete_streams(js: JetStreamContext, names: Names) -> None:
+    """Remove a prefix's streams (tests and benchmarks clean up after themselves)."""
+    for config in stream_configs(names):
+        with contextlib.suppress(NotFoundError):
+            await js.delete_stream(config.name)
 
 
 def worker_consumer_config(names: Names, backbone: str, nats: NatsSettings) -> ConsumerConfig:

@@ -6,22 +6,24 @@ PEFT adapters built in code, and the platform's processes for end-to-end tests.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import asyncpg
 import nats
 import pytest
 import pytest_asyncio
-from nats.js.errors import NotFoundError
 
 from lorafaas.devstack import DevStack, free_port, start_s3, stop_process
 from lorafaas.names import Names
 from lorafaas.platform import prepare
 from lorafaas.settings import DatabaseSettings, LimitSettings, NatsSettings, S3Settings, Settings, WorkerSettings
-from lorafaas.streams import stream_configs
+from lorafaas.streams import delete_streams
+
+if TYPE_CHECKING:
+    from tests.support.platform import Platform
 
 NATS_URL = "nats://127.0.0.1:4222"
 PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -71,9 +73,7 @@ async def _drop(s: Settings) -> None:
         await conn.close()
     nc = await nats.connect(s.nats.url)
     js = nc.jetstream()
-    for config in stream_configs(Names(s.nats.prefix)):
-        with contextlib.suppress(NotFoundError):
-            await js.delete_stream(config.name)
+    await delete_streams(js, Names(s.nats.prefix))
     await nc.close()
 
 

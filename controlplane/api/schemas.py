@@ -257,7 +257,26 @@ class BillOut(BaseModel):
 
 
 # --- the operator's reports -------------------------------------------------------------
-class MarginLineOut(BaseModel):
+class _RevenueCostOut(BaseModel):
+    """Revenue beside device cost, exact in pico-dollars and as dollar strings."""
+
+    device_ns: int
+    revenue_picousd: int
+    cost_picousd: int
+    margin_picousd: int
+    revenue_usd: str
+    cost_usd: str
+    margin_usd: str
+
+    @staticmethod
+    def money(x: ledger.RevenueCost) -> dict:
+        return dict(
+            device_ns=x.device_ns, revenue_picousd=x.revenue_picousd, cost_picousd=x.cost_picousd, margin_picousd=x.margin_picousd,
+            revenue_usd=usd(x.revenue_picousd), cost_usd=usd(x.cost_picousd), margin_usd=usd(x.margin_picousd),
+        )
+
+
+class MarginLineOut(_RevenueCostOut):
     tenant_id: str
     tenant: str
     function_id: str | None = None
@@ -265,45 +284,28 @@ class MarginLineOut(BaseModel):
     invocations: int
     input_tokens: int
     output_tokens: int
-    device_ns: int
-    revenue_picousd: int
-    cost_picousd: int
-    margin_picousd: int
-    revenue_usd: str
-    cost_usd: str
-    margin_usd: str
 
     @classmethod
     def of(cls, l: ledger.MarginLine) -> "MarginLineOut":
         return cls(
             tenant_id=l.tenant_id, tenant=l.tenant_name, function_id=l.function_id, function=l.function_name, invocations=l.invocations,
-            input_tokens=l.input_tokens, output_tokens=l.output_tokens, device_ns=l.device_ns, revenue_picousd=l.revenue_picousd,
-            cost_picousd=l.cost_picousd, margin_picousd=l.margin_picousd, revenue_usd=usd(l.revenue_picousd), cost_usd=usd(l.cost_picousd),
-            margin_usd=usd(l.margin_picousd),
+            input_tokens=l.input_tokens, output_tokens=l.output_tokens, **cls.money(l),
         )
 
 
-class MarginReportOut(BaseModel):
+class MarginReportOut(_RevenueCostOut):
     start: datetime
     end: datetime
     device_price_micros_per_hour: int
     by_function: list[MarginLineOut]
     by_tenant: list[MarginLineOut]
-    revenue_picousd: int
-    device_ns: int
-    cost_picousd: int
-    margin_picousd: int
-    revenue_usd: str
-    cost_usd: str
-    margin_usd: str
 
     @classmethod
     def of(cls, r: ledger.MarginReport) -> "MarginReportOut":
         return cls(
             start=r.start, end=r.end, device_price_micros_per_hour=r.device_price_micros_per_hour,
             by_function=[MarginLineOut.of(l) for l in r.by_function], by_tenant=[MarginLineOut.of(l) for l in r.by_tenant],
-            revenue_picousd=r.revenue_picousd, device_ns=r.device_ns, cost_picousd=r.cost_picousd, margin_picousd=r.margin_picousd,
-            revenue_usd=usd(r.revenue_picousd), cost_usd=usd(r.cost_picousd), margin_usd=usd(r.margin_picousd),
+            **cls.money(r),
         )
 
 

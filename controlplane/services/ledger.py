@@ -207,8 +207,20 @@ def device_cost_picousd(device_ns: int, price_micros_per_hour: int) -> int:
     return (2 * numerator + NS_PER_HOUR) // (2 * NS_PER_HOUR)
 
 
+class RevenueCost:
+    """Revenue and device cost of a report row; the margin is derived, never stored."""
+
+    revenue_picousd: int
+    device_ns: int
+    cost_picousd: int
+
+    @property
+    def margin_picousd(self) -> int:
+        return self.revenue_picousd - self.cost_picousd
+
+
 @dataclass(frozen=True)
-class MarginLine:
+class MarginLine(RevenueCost):
     tenant_id: str
     tenant_name: str
     function_id: str | None
@@ -220,13 +232,9 @@ class MarginLine:
     device_ns: int
     cost_picousd: int
 
-    @property
-    def margin_picousd(self) -> int:
-        return self.revenue_picousd - self.cost_picousd
-
 
 @dataclass(frozen=True)
-class MarginReport:
+class MarginReport(RevenueCost):
     start: datetime
     end: datetime
     device_price_micros_per_hour: int
@@ -235,10 +243,6 @@ class MarginReport:
     revenue_picousd: int
     device_ns: int
     cost_picousd: int
-
-    @property
-    def margin_picousd(self) -> int:
-        return self.revenue_picousd - self.cost_picousd
 
 
 async def margin_report(session: AsyncSession, start: datetime, end: datetime, price_micros_per_hour: int, tenant_id: str | None = None) -> MarginReport:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from lorafaas.platform import admin, create_tenant_with_key, publish_backbone, register_function
+from lorafaas.platform import create_tenant_with_key, publish_backbone, register_function
 from lorafaas.settings import Settings
 from lorafaas.stack import PlatformProcesses, wait_for_worker
 
