@@ -1,7 +1,9 @@
 """The control plane's consumer of worker events: started, result and usage.
 
-One durable pull consumer over the events stream. Each message is applied in its own
-transaction and acked only after commit; a repeated message is harmless because every
+One durable pull consumer over the events stream. The messages of one fetch are applied in
+one transaction and acked only after its commit (one commit for an invocation's result and
+usage, instead of one each); if the batch fails, each message is applied on its own so a bad
+one is refused without holding up the rest. A repeated message is harmless because every
 write is idempotent (guarded state transitions, ``ON CONFLICT DO NOTHING`` usage).
 """
 
@@ -39,7 +41,10 @@ def decode_event(subject: str, data: bytes) -> Started | InvocationResult | Usag
     return decoder.decode(data)
 
 
-async def apply_event(session: AsyncSession, event: Started | InvocationResult | UsageEvent) -> bool:
+Event = Started | InvocationResult | UsageEvent
+
+
+async def apply_event(session: AsyncSession, event: Event) -> bool | invocations.Settled | None:
     if isinstance(event, Started):
         return await invocations.apply_started(session, event)
     if isinstance(event, InvocationResult):
@@ -73,24 +78,40 @@ class EventConsumer:
                     msgs = await sub.fetch(batch=64, timeout=0.5)
                 except (NatsTimeout, asyncio.TimeoutError):  # nats-py raises either
                     continue
-                for msg in msgs:
-                    await self.handle(msg)
+                await self.handle_batch(msgs)
         finally:
             await sub.unsubscribe()
 
     def stop(self) -> None:
         self._stopping.set()
 
-    async def handle(self, msg: Msg) -> None:
+    async def handle_batch(self, msgs: list[Msg]) -> None:
+        decoded = [(msg, event) for msg in msgs if (event := await self._decode(msg)) is not None]
+        if len(decoded) > 1:
+            try:
+                async with self.sessions.begin() as session:
+                    outcomes = [await apply_event(session, event) for _, event in decoded]
+            except (OperationalError, DBAPIError, OSError, LorafaasError) as e:
+                log.info("batch of %d events failed (%s); applying them one by one", len(decoded), e)
+            else:
+                for (msg, event), outcome in zip(decoded, outcomes):
+                    await self._done(msg, event, outcome)
+                return
+        for msg, event in decoded:
+            await self.handle(msg, event)
+
+    async def _decode(self, msg: Msg) -> Event | None:
         try:
-            event = decode_event(msg.subject, msg.data)
+            return decode_event(msg.subject, msg.data)
         except (ValueError, ValidationError) as e:
             log.error("dropping undecodable event on %s: %s", msg.subject, e)
             await msg.term()
-            return
+            return None
+
+    async def handle(self, msg: Msg, event: Event) -> None:
         try:
             async with self.sessions.begin() as session:
-                settled = await apply_event(session, event)
+                outcome = await apply_event(session, event)
         except (OperationalError, DBAPIError, OSError) as e:
             log.warning("database unavailable applying %s, retrying: %s", msg.subject, e)
             await msg.nak(delay=1.0)
@@ -99,7 +120,10 @@ class EventConsumer:
             log.error("refusing event on %s: %s", msg.subject, e.message)
             await msg.term()
             return
+        await self._done(msg, event, outcome)
+
+    async def _done(self, msg: Msg, event: Event, outcome: bool | invocations.Settled | None) -> None:
         self.applied += 1
         await msg.ack()
-        if settled and self.on_result is not None and isinstance(event, InvocationResult):
+        if isinstance(outcome, invocations.Settled) and outcome.has_callback and self.on_result is not None:
             self.on_result(event)

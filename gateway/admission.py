@@ -4,10 +4,10 @@
   invocation (no second run, no second bill); the same key with another body is a 409.
 - Limits: ``max_tokens`` and the prompt against the function's and the backbone's limits,
   each 400 naming the limit.
-- Backpressure: invocations of a function that are queued or running, counted in Postgres,
-  against ``functions.max_queue`` (or the platform default). Over it: 429 with Retry-After
-  and ``x-ratelimit-*`` headers, never a silent drop. Concurrent accepts can overshoot the
-  limit by the number of gateways racing on the same count; it is a soft limit.
+- Backpressure: invocations of a function that are queued or running, counted in Postgres
+  by the statement that records the invocation (``invocations.accept``), against
+  ``functions.max_queue`` (or the platform default). Over it: 429 with Retry-After and
+  ``x-ratelimit-*`` headers, never a silent drop.
 """
 
 from __future__ import annotations
@@ -16,15 +16,14 @@ import hashlib
 import json
 from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from controlplane.db.models import Invocation, InvocationState
+from controlplane.db.models import Invocation
 from controlplane.services.catalog import ServedFunction
 from lorafaas.errors import Conflict, InvalidInput, QuotaExceeded
 from lorafaas.settings import LimitSettings, NatsSettings
 
-IN_FLIGHT = (InvocationState.QUEUED, InvocationState.RUNNING)
 RETRY_AFTER_S = 1.0
 
 
@@ -72,13 +71,6 @@ def check_limits(served: ServedFunction, limits: LimitSettings, prompt: str, max
 
 def queue_limit(served: ServedFunction, nats: NatsSettings) -> int:
     return served.function.max_queue or nats.max_queue_per_function
-
-
-async def queue_depth(session: AsyncSession, function_id: str) -> int:
-    """Invocations of the function queued or running (index ix_invocations_function_state)."""
-    return await session.scalar(
-        select(func.count()).select_from(Invocation).where(Invocation.function_id == function_id, Invocation.state.in_(IN_FLIGHT))
-    )
 
 
 def check_queue(served: ServedFunction, depth: int, limit: int) -> None:

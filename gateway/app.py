@@ -10,7 +10,6 @@ import nats
 from fastapi import FastAPI
 from nats.aio.client import Client as NATS
 
-from controlplane.db.session import make_sessionmaker
 from gateway.db import GuardedSessions, make_gateway_engine
 from gateway.dispatch import Dispatcher
 from gateway.metrics import GatewayMetrics
@@ -62,7 +61,7 @@ def create_app(settings: Settings) -> FastAPI:
         key_cache = KeyCache(settings.controlplane.key_cache_ttl_s)
         await key_cache.listen(nc, names)
         service = InvocationService(
-            GuardedSessions(make_sessionmaker(engine)), Dispatcher(nc, js, names), settings, TokenCounter(ArtifactStore(settings.s3)), metrics, quota_guard
+            GuardedSessions(engine), Dispatcher(nc, js, names), settings, TokenCounter(ArtifactStore(settings.s3)), metrics, quota_guard
         )
         app.state.runtime = GatewayRuntime(settings, nc, service, metrics, key_cache)
         try:

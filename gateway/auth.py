@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import time
 
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-
 from controlplane.services.keys import Principal, authenticate, hash_secret
+from gateway.db import GuardedSessions
 from gateway.tenant_changes import TenantInvalidated
 
 
@@ -30,7 +29,7 @@ class KeyCache(TenantInvalidated):
         for digest in [d for d, (_, p) in self._entries.items() if p.tenant_id == tenant_id]:
             del self._entries[digest]
 
-    async def principal(self, sessions: async_sessionmaker[AsyncSession], secret: str | None) -> Principal:
+    async def principal(self, sessions: GuardedSessions, secret: str | None) -> Principal:
         digest = hash_secret(secret) if secret else ""
         cached = self._entries.get(digest)
         now = time.monotonic()

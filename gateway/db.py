@@ -2,19 +2,26 @@
 
 The gateway must never hang on a dead database: connects and pool checkouts time out within
 about a second, and connection-level errors become ``ServiceUnavailable`` here, at the
-wrapper, so routes and services only ever see domain errors. ``pool_pre_ping`` lets the
-pool replace dead connections, so the gateway recovers by itself when Postgres returns.
+wrapper, so routes and services only ever see domain errors. A connection error makes
+SQLAlchemy invalidate the whole pool, so the gateway recovers by itself when Postgres
+returns; no pre-ping, which would cost three round trips on every checkout.
+
+Plain sessions autocommit: reads and a lone write cost one round trip each, with no BEGIN
+and COMMIT/ROLLBACK around them; ``begin()`` is for blocks that must be atomic.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager as AsyncContextManager
 from contextlib import asynccontextmanager
 
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+
+from controlplane.db.session import make_sessionmaker
 
 from lorafaas.errors import ServiceUnavailable
 from lorafaas.settings import DatabaseSettings
@@ -28,7 +35,6 @@ def make_gateway_engine(db: DatabaseSettings) -> AsyncEngine:
         db.url,
         pool_size=db.pool_size,
         max_overflow=db.pool_size,
-        pool_pre_ping=True,
         pool_timeout=CONNECT_TIMEOUT_S,
         connect_args={"timeout": CONNECT_TIMEOUT_S, "command_timeout": STATEMENT_TIMEOUT_S},
     )
@@ -46,26 +52,24 @@ def _unavailable(error: BaseException) -> bool:
 class GuardedSessions:
     """An ``async_sessionmaker`` look-alike whose sessions raise ``ServiceUnavailable`` when Postgres is down."""
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
-        self._sessions = sessions
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._transactional = make_sessionmaker(engine)
+        self._autocommit = make_sessionmaker(engine.execution_options(isolation_level="AUTOCOMMIT"))
 
     @asynccontextmanager
-    async def __call__(self) -> AsyncIterator[AsyncSession]:
+    async def _guarded(self, opened: AsyncContextManager[AsyncSession]) -> AsyncIterator[AsyncSession]:
         try:
-            async with self._sessions() as session:
+            async with opened as session:
                 yield session
         except Exception as e:
             if _unavailable(e):
                 raise ServiceUnavailable("the database is unavailable; retry shortly", retry_after_s=1.0) from e
             raise
 
-    @asynccontextmanager
-    async def begin(self) -> AsyncIterator[AsyncSession]:
+    def __call__(self) -> AsyncContextManager[AsyncSession]:
+        """Each statement commits by itself: for reads, or a block whose only write is one statement."""
+        return self._guarded(self._autocommit())
+
+    def begin(self) -> AsyncContextManager[AsyncSession]:
         """One transaction, committed when the block ends cleanly."""
-        try:
-            async with self._sessions.begin() as session:
-                yield session
-        except Exception as e:
-            if _unavailable(e):
-                raise ServiceUnavailable("the database is unavailable; retry shortly", retry_after_s=1.0) from e
-            raise
+        return self._guarded(self._transactional.begin())

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from controlplane import callbacks
 from controlplane.db.models import Invocation, InvocationState
@@ -98,26 +99,45 @@ class InvocationService:
     async def _accept(
         self, principal: Principal, function_name: str, req: InvokeRequest, key: str | None, digest: str | None, started: float
     ) -> Accepted:
-        sampling = wire.SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=req.stop)
-        async with self.sessions.begin() as session:
+        async with self.sessions() as session:
             served = await self._served_function(session, principal.tenant_id, function_name)
+            quota = await self.quotas.quota(session, principal.tenant_id) if self.quotas is not None else None
+            if key is None and not req.callback_url and (quota is None or quota.unlimited):
+                # Nothing else to keep atomic: the invocation is one autocommitted statement.
+                return await self._record(session, principal, served, req, started)
+        async with self.sessions.begin() as session:
             if key is not None:
                 replay = await admission.idempotent_replay(session, principal.tenant_id, key, digest, self.settings.limits.idempotency_ttl_s)
                 if replay is not None:
                     return Accepted(replay.id, function_name, None, started)
-            prompt_tokens = await self.tokens.count(served.backbone.name, served.backbone.uri, req.prompt)
-            admission.check_limits(served, self.settings.limits, req.prompt, req.max_tokens, prompt_tokens)
-            depth, limit = await admission.queue_depth(session, served.function.id), admission.queue_limit(served, self.settings.nats)
-            self.metrics.queue_depth.labels(function=function_name).set(depth)
-            admission.check_queue(served, depth, limit)
-            if self.quotas is not None:  # 402 past the spend cap, 429 past tokens/minute or concurrency
-                await self.quotas.check(session, principal.tenant_id, (prompt_tokens or 0) + req.max_tokens)
-            row = await invocations.accept(session, served, req.prompt, sampling, req.mode, idempotency_key=key, request_hash=digest)
             if req.callback_url:
                 await callbacks.ensure_secret(session, principal.tenant_id)
-                row.callback_url, row.callback_state, row.callback_attempts = req.callback_url, callbacks.PENDING, []
+            return await self._record(session, principal, served, req, started, key, digest)
+
+    async def _record(
+        self,
+        session: AsyncSession,
+        principal: Principal,
+        served: catalog.ServedFunction,
+        req: InvokeRequest,
+        started: float,
+        key: str | None = None,
+        digest: str | None = None,
+    ) -> Accepted:
+        """Check the request against its limits and quotas, then record it (queue limit permitting)."""
+        prompt_tokens = await self.tokens.count(served.backbone.name, served.backbone.uri, req.prompt)
+        admission.check_limits(served, self.settings.limits, req.prompt, req.max_tokens, prompt_tokens)
+        if self.quotas is not None:  # 402 past the spend cap, 429 past tokens/minute or concurrency
+            await self.quotas.check(session, principal.tenant_id, (prompt_tokens or 0) + req.max_tokens)
+        sampling = wire.SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=req.stop)
+        limit = admission.queue_limit(served, self.settings.nats)
+        admitted = await invocations.accept(
+            session, served, req.prompt, sampling, req.mode, idempotency_key=key, request_hash=digest, callback_url=req.callback_url, queue_limit=limit
+        )
+        self.metrics.queue_depth.labels(function=served.function.name).set(admitted.queue_depth + (admitted.id is not None))
+        admission.check_queue(served, admitted.queue_depth, limit)
         invocation = wire.Invocation(
-            invocation_id=row.id,
+            invocation_id=admitted.id,
             tenant_id=principal.tenant_id,
             backbone=served.backbone.name,
             adapter=served.adapter_ref(),
@@ -125,7 +145,7 @@ class InvocationService:
             sampling=sampling,
             mode=req.mode,
         )
-        return Accepted(row.id, function_name, invocation, started)
+        return Accepted(admitted.id, served.function.name, invocation, started)
 
     async def _start(self, accepted: Accepted) -> wire.InvocationResult | None:
         """Publish a new invocation; for a replay, the recorded result if it already finished."""

@@ -54,6 +54,10 @@ class InvocationState(StrEnum):
         return self in (InvocationState.SUCCEEDED, InvocationState.FAILED, InvocationState.CANCELLED)
 
 
+# Queued or running: what counts against queue limits and concurrency quotas.
+IN_FLIGHT = (InvocationState.QUEUED, InvocationState.RUNNING)
+
+
 class Tenant(Base):
     __tablename__ = "tenants"
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)

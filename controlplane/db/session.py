@@ -8,7 +8,8 @@ from lorafaas.settings import DatabaseSettings
 
 
 def make_engine(db: DatabaseSettings) -> AsyncEngine:
-    return create_async_engine(db.url, pool_size=db.pool_size, pool_pre_ping=True)
+    # No pre-ping (three round trips per checkout): a connection error invalidates the pool instead.
+    return create_async_engine(db.url, pool_size=db.pool_size)
 
 
 def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
-from sqlalchemy import func, select
+from sqlalchemy import BigInteger, Integer, String, bindparam, func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -31,34 +31,60 @@ def picousd_to_usd(amount: int) -> Decimal:
     return Decimal(amount) / PICOUSD_PER_USD
 
 
+def _record_usage_statement():
+    """The usage record of an event, priced from the invocation's snapshot, as one INSERT .. SELECT.
+
+    Built once with bind parameters (SQLAlchemy then only looks up its compiled form); the
+    amount is ``amount_picousd`` itself, applied to SQL expressions: exact bigint arithmetic.
+    """
+    inv = Invocation.__table__.c
+    in_tokens, out_tokens = bindparam("u_input_tokens", type_=Integer), bindparam("u_output_tokens", type_=Integer)
+    source = select(
+        inv.id,
+        inv.tenant_id,
+        inv.function_id,
+        in_tokens,
+        out_tokens,
+        inv.price_input_micros_per_1m,
+        inv.price_output_micros_per_1m,
+        amount_picousd(in_tokens, out_tokens, inv.price_input_micros_per_1m, inv.price_output_micros_per_1m),
+        bindparam("u_device_ns", type_=BigInteger),
+        bindparam("u_worker_id", type_=String),
+        func.coalesce(bindparam("u_finished_at", type_=UsageRecord.recorded_at.type), func.now()),
+    ).where(inv.id == bindparam("u_invocation_id"), inv.tenant_id == bindparam("u_tenant_id"), inv.function_id == bindparam("u_function_id"))
+    columns = ["invocation_id", "tenant_id", "function_id", "input_tokens", "output_tokens", "price_input_micros_per_1m",
+               "price_output_micros_per_1m", "amount_picousd", "device_ns", "worker_id", "recorded_at"]
+    return insert(UsageRecord.__table__).from_select(columns, source).on_conflict_do_nothing(index_elements=["invocation_id"]).returning(UsageRecord.id)
+
+
+_RECORD_USAGE = _record_usage_statement()
+
+
 async def record_usage(session: AsyncSession, event: UsageEvent) -> bool:
     """Insert the invocation's one usage record; a repeated event changes nothing.
 
     Returns True when this call wrote the record. The price comes from the snapshot taken
     when the invocation was accepted, never from the function's current price.
     """
+    params = {
+        "u_invocation_id": event.invocation_id,
+        "u_tenant_id": event.tenant_id,
+        "u_function_id": event.function_id,
+        "u_input_tokens": event.input_tokens,
+        "u_output_tokens": event.output_tokens,
+        "u_device_ns": event.device_ns,
+        "u_worker_id": event.worker_id,
+        "u_finished_at": event.finished_at,
+    }
+    if (await session.execute(_RECORD_USAGE, params)).scalar_one_or_none() is not None:
+        return True
+    # Nothing written: a repeat (True to nobody), or an event that names no such invocation.
     invocation = await session.get(Invocation, event.invocation_id)
     if invocation is None:
         raise NotFound(f"usage for unknown invocation {event.invocation_id}")
     if invocation.tenant_id != event.tenant_id or invocation.function_id != event.function_id:
         raise InvalidInput(f"usage event for {event.invocation_id} names another tenant or function")
-    values = dict(
-        invocation_id=event.invocation_id,
-        tenant_id=invocation.tenant_id,
-        function_id=invocation.function_id,
-        input_tokens=event.input_tokens,
-        output_tokens=event.output_tokens,
-        price_input_micros_per_1m=invocation.price_input_micros_per_1m,
-        price_output_micros_per_1m=invocation.price_output_micros_per_1m,
-        amount_picousd=amount_picousd(
-            event.input_tokens, event.output_tokens, invocation.price_input_micros_per_1m, invocation.price_output_micros_per_1m
-        ),
-        device_ns=event.device_ns,
-        worker_id=event.worker_id,
-        recorded_at=event.finished_at,
-    )
-    stmt = insert(UsageRecord).values(**values).on_conflict_do_nothing(index_elements=["invocation_id"]).returning(UsageRecord.id)
-    return (await session.execute(stmt)).scalar_one_or_none() is not None
+    return False
 
 
 @dataclass(frozen=True)

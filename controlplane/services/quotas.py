@@ -13,13 +13,12 @@ from datetime import datetime, timedelta, timezone
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from controlplane.db.models import Invocation, InvocationState, Tenant, UsageRecord
+from controlplane.db.models import IN_FLIGHT, Invocation, Tenant, UsageRecord
 from controlplane.services.keys import get_tenant
 from controlplane.services.ledger import month_range, picousd_to_usd
 from lorafaas.errors import InvalidInput, PaymentRequired, QuotaExceeded
 
 WINDOW = timedelta(minutes=1)
-IN_FLIGHT = (InvocationState.QUEUED, InvocationState.RUNNING)
 
 
 @dataclass(frozen=True)
