@@ -1,10 +1,9 @@
 """The control plane's consumer of worker events: started, result and usage.
 
-One durable pull consumer over the events stream. The messages of one fetch are applied in
-one transaction and acked only after its commit (one commit for an invocation's result and
-usage, instead of one each); if the batch fails, each message is applied on its own so a bad
-one is refused without holding up the rest. A repeated message is harmless because every
-write is idempotent (guarded state transitions, ``ON CONFLICT DO NOTHING`` usage).
+One durable pull consumer over the events stream. Each event is one idempotent statement
+(a guarded state transition, or an ``ON CONFLICT DO NOTHING`` usage record), run on an
+autocommit session: no BEGIN or COMMIT round trips around it. The message is acked only
+after the statement committed, and a repeated message changes nothing.
 """
 
 from __future__ import annotations
@@ -18,7 +17,9 @@ from nats.js import JetStreamContext
 from nats.errors import TimeoutError as NatsTimeout
 from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+
+from controlplane.db.session import make_sessionmaker
 
 from controlplane.services import invocations, ledger
 from lorafaas.errors import LorafaasError
@@ -58,12 +59,13 @@ class EventConsumer:
     def __init__(
         self,
         js: JetStreamContext,
-        sessions: async_sessionmaker[AsyncSession],
+        engine: AsyncEngine,
         names: Names,
         nats: NatsSettings,
         on_result: Callable[[InvocationResult], None] | None = None,
     ) -> None:
-        self.js, self.sessions, self.names, self.nats = js, sessions, names, nats
+        self.js, self.names, self.nats = js, names, nats
+        self.sessions = make_sessionmaker(engine.execution_options(isolation_level="AUTOCOMMIT"))
         # Called after commit for each result that settled an invocation (callbacks hook in here).
         self.on_result = on_result
         self._stopping = asyncio.Event()
@@ -78,27 +80,13 @@ class EventConsumer:
                     msgs = await sub.fetch(batch=64, timeout=0.5)
                 except (NatsTimeout, asyncio.TimeoutError):  # nats-py raises either
                     continue
-                await self.handle_batch(msgs)
+                for msg in msgs:
+                    await self.handle(msg)
         finally:
             await sub.unsubscribe()
 
     def stop(self) -> None:
         self._stopping.set()
-
-    async def handle_batch(self, msgs: list[Msg]) -> None:
-        decoded = [(msg, event) for msg in msgs if (event := await self._decode(msg)) is not None]
-        if len(decoded) > 1:
-            try:
-                async with self.sessions.begin() as session:
-                    outcomes = [await apply_event(session, event) for _, event in decoded]
-            except (OperationalError, DBAPIError, OSError, LorafaasError) as e:
-                log.info("batch of %d events failed (%s); applying them one by one", len(decoded), e)
-            else:
-                for (msg, event), outcome in zip(decoded, outcomes):
-                    await self._done(msg, event, outcome)
-                return
-        for msg, event in decoded:
-            await self.handle(msg, event)
 
     async def _decode(self, msg: Msg) -> Event | None:
         try:
@@ -108,9 +96,12 @@ class EventConsumer:
             await msg.term()
             return None
 
-    async def handle(self, msg: Msg, event: Event) -> None:
+    async def handle(self, msg: Msg) -> None:
+        event = await self._decode(msg)
+        if event is None:
+            return
         try:
-            async with self.sessions.begin() as session:
+            async with self.sessions() as session:
                 outcome = await apply_event(session, event)
         except (OperationalError, DBAPIError, OSError) as e:
             log.warning("database unavailable applying %s, retrying: %s", msg.subject, e)
@@ -120,9 +111,6 @@ class EventConsumer:
             log.error("refusing event on %s: %s", msg.subject, e.message)
             await msg.term()
             return
-        await self._done(msg, event, outcome)
-
-    async def _done(self, msg: Msg, event: Event, outcome: bool | invocations.Settled | None) -> None:
         self.applied += 1
         await msg.ack()
         if isinstance(outcome, invocations.Settled) and outcome.has_callback and self.on_result is not None:

@@ -39,7 +39,7 @@ def create_app(settings: Settings) -> FastAPI:
         await ensure_streams(js, names)
         # Gateway hooks (issue 6): signed callbacks of async results, and the dead-letter mover.
         callbacks = CallbackDispatcher(sessions, settings.callbacks)
-        consumer = EventConsumer(js, sessions, names, settings.nats, on_result=callbacks.on_result)
+        consumer = EventConsumer(js, engine, names, settings.nats, on_result=callbacks.on_result)
         deadletters = DeadLetterMover(nc, js, names)
         await deadletters.start()
         await callbacks.resume()

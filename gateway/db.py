@@ -13,18 +13,21 @@ and COMMIT/ROLLBACK around them; ``begin()`` is for blocks that must be atomic.
 from __future__ import annotations
 
 import asyncio
+from typing import TypeVar
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager as AsyncContextManager
 from contextlib import asynccontextmanager
 
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, create_async_engine
 
 from controlplane.db.session import make_sessionmaker
 
 from lorafaas.errors import ServiceUnavailable
 from lorafaas.settings import DatabaseSettings
+
+T = TypeVar("T")
 
 CONNECT_TIMEOUT_S = 1.0
 STATEMENT_TIMEOUT_S = 5.0
@@ -53,11 +56,12 @@ class GuardedSessions:
     """An ``async_sessionmaker`` look-alike whose sessions raise ``ServiceUnavailable`` when Postgres is down."""
 
     def __init__(self, engine: AsyncEngine) -> None:
+        self._autocommit_engine = engine.execution_options(isolation_level="AUTOCOMMIT")
         self._transactional = make_sessionmaker(engine)
-        self._autocommit = make_sessionmaker(engine.execution_options(isolation_level="AUTOCOMMIT"))
+        self._autocommit = make_sessionmaker(self._autocommit_engine)
 
     @asynccontextmanager
-    async def _guarded(self, opened: AsyncContextManager[AsyncSession]) -> AsyncIterator[AsyncSession]:
+    async def _guarded(self, opened: AsyncContextManager[T]) -> AsyncIterator[T]:
         try:
             async with opened as session:
                 yield session
@@ -69,6 +73,10 @@ class GuardedSessions:
     def __call__(self) -> AsyncContextManager[AsyncSession]:
         """Each statement commits by itself: for reads, or a block whose only write is one statement."""
         return self._guarded(self._autocommit())
+
+    def connect(self) -> AsyncContextManager[AsyncConnection]:
+        """A bare autocommit connection, without the ORM session's overhead: for one Core statement."""
+        return self._guarded(self._autocommit_engine.connect())
 
     def begin(self) -> AsyncContextManager[AsyncSession]:
         """One transaction, committed when the block ends cleanly."""

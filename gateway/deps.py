@@ -13,7 +13,7 @@ from gateway.service import InvocationService
 _bearer = HTTPBearer(auto_error=False, description="A tenant API key: 'Authorization: Bearer lf_...'")
 
 
-def _service(request: Request) -> InvocationService:
+async def _service(request: Request) -> InvocationService:  # async: a plain def would run in a thread
     return request.app.state.runtime.invocations
 
 

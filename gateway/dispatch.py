@@ -97,22 +97,30 @@ class Dispatcher:
 
     @contextlib.asynccontextmanager
     async def watch(self, invocation_id: str, tokens: bool = False) -> AsyncIterator[Watch]:
-        """Subscribe to the result (and the token stream) of one invocation for the block's duration."""
+        """Subscribe to the result (and the token stream) of one invocation for the block's duration.
+
+        The result subscription asks the server to drop it after one message, in the same write
+        as the SUB: once the result is heard, ending the watch sends nothing more.
+        """
         self.require_connected()
         queue: asyncio.Queue[TokenChunk | InvocationResult] = asyncio.Queue()
+        heard = False
 
         async def on_result(msg: Msg) -> None:
+            nonlocal heard
+            heard = True
             queue.put_nowait(InvocationResult.decode(msg.data))
 
         async def on_token(msg: Msg) -> None:
             queue.put_nowait(TokenChunk.decode(msg.data))
 
-        subs = [await self.nc.subscribe(self.names.result_subject(invocation_id), cb=on_result)]
-        if tokens:
-            subs.append(await self.nc.subscribe(self.names.token_subject(invocation_id), cb=on_token))
+        result_sub = await self.nc.subscribe(self.names.result_subject(invocation_id), cb=on_result)
+        await result_sub.unsubscribe(limit=1)
+        token_sub = await self.nc.subscribe(self.names.token_subject(invocation_id), cb=on_token) if tokens else None
         try:
             yield Watch(queue)
         finally:
-            for sub in subs:
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
+            for sub in (token_sub, None if heard else result_sub):
+                if sub is not None:
+                    with contextlib.suppress(Exception):
+                        await sub.unsubscribe()

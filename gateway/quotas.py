@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from controlplane.services import quotas
 from gateway.tenant_changes import TenantInvalidated
@@ -31,15 +31,20 @@ class QuotaGuard(TenantInvalidated):
         else:
             self._cache.pop(tenant_id, None)
 
-    async def quota(self, session: AsyncSession, tenant_id: str) -> quotas.TenantQuota:
+    def cached(self, tenant_id: str) -> quotas.TenantQuota | None:
         cached = self._cache.get(tenant_id)
         if cached is not None and time.monotonic() - cached[0] < self.settings.quota_cache_ttl_s:
             return cached[1]
+        return None
+
+    async def quota(self, session: AsyncSession, tenant_id: str) -> quotas.TenantQuota:
+        cached = self.cached(tenant_id)
+        if cached is not None:
+            return cached
         quota = await quotas.load_quota(session, tenant_id)
         self._cache[tenant_id] = (time.monotonic(), quota)
         return quota
 
-    async def check(self, session: AsyncSession, tenant_id: str, requested_tokens: int) -> None:
+    async def check(self, session: AsyncSession | AsyncConnection, quota: quotas.TenantQuota, requested_tokens: int) -> None:
         """Raise PaymentRequired (402) or QuotaExceeded (429, Retry-After) if the tenant is over a limit."""
-        quota = await self.quota(session, tenant_id)
         await quotas.enforce(session, quota, requested_tokens, self.settings.in_flight_horizon_s)

@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from controlplane import callbacks
 from controlplane.db.models import Invocation, InvocationState
 from controlplane.services import catalog, invocations
 from controlplane.services.keys import Principal
+from controlplane.services.quotas import TenantQuota
 from gateway import admission
 from gateway.db import GuardedSessions
 from gateway.dispatch import Dispatcher, Watch
@@ -63,18 +64,24 @@ class InvocationService:
     # adapter version or limit is seen within SERVED_TTL_S.
     _served: dict[tuple[str, str], tuple[float, catalog.ServedFunction]] = field(default_factory=dict, init=False)
 
-    async def _served_function(self, session, tenant_id: str, name: str) -> catalog.ServedFunction:
+    async def _served_function(self, tenant_id: str, name: str) -> catalog.ServedFunction:
         now = time.monotonic()
         cached = self._served.get((tenant_id, name))
         if cached is not None and cached[0] > now:
             return cached[1]
-        served = await catalog.served_function(session, tenant_id, name)
-        # Detached with their loaded values, so a rollback of this request (a 4xx after the
-        # lookup) cannot expire the cached copies under later requests.
-        for row in (served.function, served.artifact, served.backbone):
-            session.expunge(row)
+        async with self.sessions() as session:  # closing detaches the rows with their loaded values
+            served = await catalog.served_function(session, tenant_id, name)
         self._served[(tenant_id, name)] = (now + SERVED_TTL_S, served)
         return served
+
+    async def _quota(self, tenant_id: str) -> TenantQuota | None:
+        if self.quotas is None:
+            return None
+        quota = self.quotas.cached(tenant_id)
+        if quota is None:
+            async with self.sessions() as session:
+                quota = await self.quotas.quota(session, tenant_id)
+        return quota
 
     # --- accept ------------------------------------------------------------------------
     async def accept(
@@ -99,12 +106,12 @@ class InvocationService:
     async def _accept(
         self, principal: Principal, function_name: str, req: InvokeRequest, key: str | None, digest: str | None, started: float
     ) -> Accepted:
-        async with self.sessions() as session:
-            served = await self._served_function(session, principal.tenant_id, function_name)
-            quota = await self.quotas.quota(session, principal.tenant_id) if self.quotas is not None else None
-            if key is None and not req.callback_url and (quota is None or quota.unlimited):
-                # Nothing else to keep atomic: the invocation is one autocommitted statement.
-                return await self._record(session, principal, served, req, started)
+        served = await self._served_function(principal.tenant_id, function_name)
+        quota = await self._quota(principal.tenant_id)
+        if key is None and not req.callback_url and (quota is None or quota.unlimited):
+            # Nothing else to keep atomic: the invocation is one autocommitted statement.
+            async with self.sessions.connect() as connection:
+                return await self._record(connection, principal, served, quota, req, started)
         async with self.sessions.begin() as session:
             if key is not None:
                 replay = await admission.idempotent_replay(session, principal.tenant_id, key, digest, self.settings.limits.idempotency_ttl_s)
@@ -112,13 +119,14 @@ class InvocationService:
                     return Accepted(replay.id, function_name, None, started)
             if req.callback_url:
                 await callbacks.ensure_secret(session, principal.tenant_id)
-            return await self._record(session, principal, served, req, started, key, digest)
+            return await self._record(session, principal, served, quota, req, started, key, digest)
 
     async def _record(
         self,
-        session: AsyncSession,
+        session: AsyncSession | AsyncConnection,
         principal: Principal,
         served: catalog.ServedFunction,
+        quota: TenantQuota | None,
         req: InvokeRequest,
         started: float,
         key: str | None = None,
@@ -127,8 +135,8 @@ class InvocationService:
         """Check the request against its limits and quotas, then record it (queue limit permitting)."""
         prompt_tokens = await self.tokens.count(served.backbone.name, served.backbone.uri, req.prompt)
         admission.check_limits(served, self.settings.limits, req.prompt, req.max_tokens, prompt_tokens)
-        if self.quotas is not None:  # 402 past the spend cap, 429 past tokens/minute or concurrency
-            await self.quotas.check(session, principal.tenant_id, (prompt_tokens or 0) + req.max_tokens)
+        if quota is not None:  # 402 past the spend cap, 429 past tokens/minute or concurrency
+            await self.quotas.check(session, quota, (prompt_tokens or 0) + req.max_tokens)
         sampling = wire.SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=req.stop)
         limit = admission.queue_limit(served, self.settings.nats)
         admitted = await invocations.accept(

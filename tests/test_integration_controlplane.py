@@ -170,7 +170,7 @@ async def test_event_consumer_applies_a_repeated_result_once(settings: Settings,
         await js.publish(names.usage_subject(inv_id), usage.encode(), headers={MSG_ID_HEADER: f"u{i}-{inv_id}"})
     await js.publish(names.result_subject(inv_id), late_failure.encode())
     engine = make_engine(settings.database)
-    consumer = EventConsumer(js, make_sessionmaker(engine), names, settings.nats)
+    consumer = EventConsumer(js, engine, names, settings.nats)
     task = asyncio.create_task(consumer.run())
     try:
         for _ in range(100):

@@ -54,6 +54,10 @@ def _runtime(request: Request) -> ControlPlaneRuntime:
     return request.app.state.runtime
 
 
+async def _runtime_dep(request: Request) -> ControlPlaneRuntime:  # async: a plain def would run in a thread
+    return _runtime(request)
+
+
 def _token(credentials: HTTPAuthorizationCredentials | None) -> str | None:
     return credentials.credentials if credentials else None
 
@@ -76,6 +80,6 @@ async def _session(request: Request) -> AsyncIterator[AsyncSession]:
         yield session
 
 
-RuntimeDep = Annotated[ControlPlaneRuntime, Depends(_runtime)]
+RuntimeDep = Annotated[ControlPlaneRuntime, Depends(_runtime_dep)]
 PrincipalDep = Annotated[Principal, Depends(_principal)]
 ReadSessionDep = Annotated[AsyncSession, Depends(_session)]

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import JSON, bindparam, func, insert, select, true, update
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from controlplane import callbacks
 from controlplane.db.models import IN_FLIGHT, Invocation, InvocationState, new_id
@@ -59,7 +59,7 @@ class Admission:
 
 
 async def accept(
-    session: AsyncSession,
+    session: AsyncSession | AsyncConnection,
     served: ServedFunction,
     prompt: str,
     sampling: SamplingParams,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import func, select, text
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from controlplane.db.models import IN_FLIGHT, Invocation, Tenant, UsageRecord
 from controlplane.services.keys import get_tenant
@@ -56,7 +56,7 @@ async def set_quota(session: AsyncSession, tenant_id: str, **limits: int | None)
     return TenantQuota.of(tenant)
 
 
-async def enforce(session: AsyncSession, quota: TenantQuota, requested_tokens: int, in_flight_horizon_s: float, now: datetime | None = None) -> None:
+async def enforce(session: AsyncSession | AsyncConnection, quota: TenantQuota, requested_tokens: int, in_flight_horizon_s: float, now: datetime | None = None) -> None:
     """Refuse an invocation that would cross a limit: 402 past the spend cap, 429 otherwise.
 
     With a concurrency limit, a transaction-scoped advisory lock on the tenant serialises

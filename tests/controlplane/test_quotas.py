@@ -30,7 +30,7 @@ async def _accept(settings: Settings, tenant_id: str, guard: QuotaGuard, max_tok
     engine = make_engine(settings.database)
     try:
         async with make_sessionmaker(engine).begin() as session:
-            await guard.check(session, tenant_id, max_tokens)
+            await guard.check(session, await guard.quota(session, tenant_id), max_tokens)
             served = await catalog.served_function(session, tenant_id, "fn")
             row = await invocations.accept(session, served, "hi", wire.SamplingParams(max_tokens=max_tokens), wire.InvocationMode.SYNC)
             return row.id
