@@ -311,7 +311,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--token-scale", type=float, default=1 / 16, help="token lengths x this")
     p.add_argument("--max-prompt", type=int, default=128, help="cap on scaled prompt tokens")
     p.add_argument("--max-output", type=int, default=32, help="cap on scaled output tokens")
-    p.add_argument("--functions", type=int, default=8, help="number of LoRA functions")
+    p.add_argument("--functions", type=int, default=10, help="number of LoRA functions (with N always-warm functions, dedicated holds ~N devices)")
     p.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent of function popularity")
     p.add_argument("--ranks", default="8,16,32,64,128", help="rank mix each function's rank is drawn from")
     p.add_argument("--seed", type=int, default=0)

@@ -32,6 +32,29 @@ def adapter_key(ref: AdapterRef) -> str:
     return f"{ref.function_id}:{ref.sha256[:16]}"
 
 
+class AdapterEvicted(RuntimeError):
+    """The adapter was resident when staged and evicted before its request reached the engine."""
+
+
+class DeviceLoad:
+    """The host -> device step of one adapter, run on the engine thread (see ``AdapterManager.stage``)."""
+
+    def __init__(self, runner: EngineRunner, key: str, weights: AdapterWeights | None, fetch_s: float) -> None:
+        self.runner, self.key, self.weights = runner, key, weights
+        self.fetch_s = fetch_s  # seconds spent bringing it to host memory
+        self.copy_s = 0.0  # seconds of the device copy, set on the engine thread
+
+    def __call__(self) -> None:
+        engine = self.runner.engine
+        if engine.is_resident(self.key):
+            return
+        if self.weights is None:
+            raise AdapterEvicted(f"adapter {self.key} was evicted before its request started")
+        started = time.perf_counter()
+        engine.load_adapter(self.key, self.weights)
+        self.copy_s = time.perf_counter() - started
+
+
 class AdapterManager:
     def __init__(
         self,
@@ -72,20 +95,27 @@ class AdapterManager:
         return sum(w.nbytes for w in self.host.values())
 
     # --- moving down the tiers ---------------------------------------------------------
-    async def ensure_on_device(self, ref: AdapterRef) -> float:
-        """Bring the adapter to the device pool; returns the seconds spent on missing tiers."""
+    async def stage(self, ref: AdapterRef) -> DeviceLoad:
+        """Bring the adapter down to host memory (S3 and disk as needed), off the engine thread.
+
+        Returns the device step, to run on the engine thread in the same call as the request
+        that needs the adapter (``EngineRunner.submit(prepare=...)``): no step runs between the
+        load and the request, so a cold start adds only the copy, not a wait for another step.
+        """
         key = adapter_key(ref)
         self.refs[key] = ref
         if self.runner.engine.is_resident(key):
-            return 0.0
-        # Timed from here: a request that waits for another request's load of the same
-        # adapter was also delayed by that cold start.
-        started = time.perf_counter()
+            return DeviceLoad(self.runner, key, None, 0.0)
+        started = time.perf_counter()  # a request that waits for another's fetch of it was delayed too
         async with self._locks.setdefault(key, asyncio.Lock()):
-            if not self.runner.engine.is_resident(key):
-                weights = await self._to_host(ref)
-                await self.runner.call(self.runner.engine.load_adapter, key, weights)
-        return time.perf_counter() - started
+            weights = await self._to_host(ref)
+        return DeviceLoad(self.runner, key, weights, time.perf_counter() - started)
+
+    async def ensure_on_device(self, ref: AdapterRef) -> float:
+        """Bring the adapter to the device pool; returns the seconds spent on missing tiers."""
+        load = await self.stage(ref)
+        await self.runner.call(load)
+        return load.fetch_s + load.copy_s
 
     async def _to_host(self, ref: AdapterRef) -> AdapterWeights:
         key = adapter_key(ref)

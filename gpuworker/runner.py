@@ -65,12 +65,22 @@ class EngineRunner:
             await asyncio.gather(self._task, return_exceptions=True)
         self._executor.shutdown(wait=True)
 
-    async def submit(self, request: EngineRequest) -> asyncio.Queue[StepOutput]:
-        """Queue a request; its outputs arrive on the returned queue, the last one ``finished``."""
+    async def submit(self, request: EngineRequest, prepare: Callable[[], None] | None = None) -> asyncio.Queue[StepOutput]:
+        """Queue a request; its outputs arrive on the returned queue, the last one ``finished``.
+
+        ``prepare`` (loading the request's adapter) runs in the same engine-thread call, just
+        before the request is added: no step can come between them.
+        """
         queue: asyncio.Queue[StepOutput] = asyncio.Queue()
         self._queues[request.request_id] = queue
+
+        def add() -> None:
+            if prepare is not None:
+                prepare()
+            self.engine.add_request(request)
+
         try:
-            await self.call(self.engine.add_request, request)
+            await self.call(add)
         except Exception:
             self._queues.pop(request.request_id, None)
             raise

@@ -24,7 +24,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 from pydantic import ValidationError
 
-from gpuworker.adapters import AdapterManager, adapter_key
+from gpuworker.adapters import AdapterEvicted, AdapterManager, adapter_key
 from gpuworker.engine import EngineRequest, PoolFullError, StepOutput
 from gpuworker.runner import EngineRunner
 from lorafaas import wire
@@ -154,7 +154,6 @@ class WorkerService:
     async def _execute(self, running: Running) -> None:
         inv = running.invocation
         await self._publish(self.names.started_subject(inv.invocation_id), wire.Started(invocation_id=inv.invocation_id, worker_id=self.settings.worker_id), f"started-{inv.invocation_id}")
-        running.load_s = await self._load_adapter(inv.adapter)
         prompt_ids = self._tokenize(inv)
         request = EngineRequest(
             request_id=inv.invocation_id,
@@ -166,7 +165,7 @@ class WorkerService:
             seed=inv.sampling.seed,
             stop=list(inv.sampling.stop),
         )
-        outputs = await self.runner.submit(request)
+        outputs, running.load_s = await self._admit(inv.adapter, request)
         if running.cancelled:  # the cancel arrived while the adapter loaded
             await self.runner.abort(inv.invocation_id)
         while True:
@@ -176,24 +175,28 @@ class WorkerService:
                 await self._settle_succeeded(running, out)
                 return
 
-    async def _load_adapter(self, ref: wire.AdapterRef) -> float:
-        """Bring the adapter to the device; returns the seconds it added, waits for room included.
+    async def _admit(self, ref: wire.AdapterRef, request: EngineRequest) -> tuple[asyncio.Queue[StepOutput], float]:
+        """Bring the request's adapter to the device and queue the request, in one engine call.
 
-        When every page is pinned by running requests (a burst of many adapters), the request
-        waits for some of them to finish and unpin their adapters instead of failing.
+        Returns the request's output queue and the seconds a cold start added: fetching the
+        adapter to host memory, copying it to the device, and waiting for pool pages when every
+        page is pinned by running requests (a burst of many adapters) instead of failing.
         """
-        started = time.perf_counter()
         deadline = time.monotonic() + self.settings.pool_wait_s
-        waited = False
+        started = time.perf_counter()
+        waited_s = 0.0  # failed attempts and sleeps while every page was pinned
         while True:
+            load = await self.adapters.stage(ref)
             try:
-                load_s = await self.adapters.ensure_on_device(ref)
-                return time.perf_counter() - started if load_s > 0 or waited else 0.0
+                outputs = await self.runner.submit(request, prepare=load)
+                return outputs, waited_s + load.fetch_s + load.copy_s
+            except AdapterEvicted:
+                continue  # staged as resident, evicted since: stage it again from the host tier
             except PoolFullError:
                 if time.monotonic() > deadline:
                     raise
-                waited = True
                 await asyncio.sleep(POOL_RETRY_S)
+                waited_s = time.perf_counter() - started
 
     def _tokenize(self, inv: wire.Invocation) -> list[int]:
         ids = self.tokenizer(inv.prompt, add_special_tokens=True)["input_ids"]
@@ -367,7 +370,6 @@ class WorkerService:
 
     async def prefetch(self, ref: wire.AdapterRef) -> None:
         """Move an adapter down every tier with no request waiting, then run a warm-up pass."""
-        await self._load_adapter(ref)
         warmup = EngineRequest(
             request_id=f"warmup-{adapter_key(ref)}-{time.monotonic_ns()}",
             adapter_id=adapter_key(ref),
@@ -375,7 +377,7 @@ class WorkerService:
             max_tokens=1,
             ignore_eos=True,
         )
-        outputs = await self.runner.submit(warmup)
+        outputs, _ = await self._admit(ref, warmup)
         finished = False
         while not finished:  # one token: the outputs of the warm-up are discarded
             finished = (await outputs.get()).finished
