@@ -20,7 +20,6 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from controlplane.db.session import make_sessionmaker
-
 from controlplane.services import invocations, ledger
 from lorafaas.errors import LorafaasError
 from lorafaas.names import Names
@@ -33,16 +32,16 @@ log = logging.getLogger(__name__)
 _DECODERS = {"started": Started, "result": InvocationResult, "usage": UsageEvent}
 
 
-def decode_event(subject: str, data: bytes) -> Started | InvocationResult | UsageEvent:
+Event = Started | InvocationResult | UsageEvent
+
+
+def decode_event(subject: str, data: bytes) -> Event:
     """The event kind is the subject token after ``events``."""
     kind = subject.split(".events.", 1)[-1].split(".", 1)[0]
     decoder = _DECODERS.get(kind)
     if decoder is None:
         raise ValueError(f"unknown event subject {subject}")
     return decoder.decode(data)
-
-
-Event = Started | InvocationResult | UsageEvent
 
 
 async def apply_event(session: AsyncSession, event: Event) -> bool | invocations.Settled | None:
@@ -88,17 +87,12 @@ class EventConsumer:
     def stop(self) -> None:
         self._stopping.set()
 
-    async def _decode(self, msg: Msg) -> Event | None:
+    async def handle(self, msg: Msg) -> None:
         try:
-            return decode_event(msg.subject, msg.data)
+            event = decode_event(msg.subject, msg.data)
         except (ValueError, ValidationError) as e:
             log.error("dropping undecodable event on %s: %s", msg.subject, e)
             await msg.term()
-            return None
-
-    async def handle(self, msg: Msg) -> None:
-        event = await self._decode(msg)
-        if event is None:
             return
         try:
             async with self.sessions() as session:

@@ -78,7 +78,7 @@ async def record_usage(session: AsyncSession, event: UsageEvent) -> bool:
     }
     if (await session.execute(_RECORD_USAGE, params)).scalar_one_or_none() is not None:
         return True
-    # Nothing written: a repeat (True to nobody), or an event that names no such invocation.
+    # Nothing written: a repeat (False), or an event that names no such invocation (refused).
     invocation = await session.get(Invocation, event.invocation_id)
     if invocation is None:
         raise NotFound(f"usage for unknown invocation {event.invocation_id}")
