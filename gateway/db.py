@@ -13,17 +13,16 @@ and COMMIT/ROLLBACK around them; ``begin()`` is for blocks that must be atomic.
 from __future__ import annotations
 
 import asyncio
-from typing import TypeVar
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager as AsyncContextManager
 from contextlib import asynccontextmanager
+from typing import TypeVar
 
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, create_async_engine
 
 from controlplane.db.session import make_sessionmaker
-
 from lorafaas.errors import ServiceUnavailable
 from lorafaas.settings import DatabaseSettings
 

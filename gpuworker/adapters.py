@@ -14,7 +14,7 @@ from collections import OrderedDict
 from enum import StrEnum
 from pathlib import Path
 
-from gpuworker.engine import AdapterWeights
+from gpuworker.engine import AdapterWeights, LoraEngine
 from gpuworker.runner import EngineRunner
 from lorafaas.artifacts import ArtifactStore
 from lorafaas.wire import AdapterRef, AdapterResidency
@@ -39,19 +39,18 @@ class AdapterEvicted(RuntimeError):
 class DeviceLoad:
     """The host -> device step of one adapter, run on the engine thread (see ``AdapterManager.stage``)."""
 
-    def __init__(self, runner: EngineRunner, key: str, weights: AdapterWeights | None, fetch_s: float) -> None:
-        self.runner, self.key, self.weights = runner, key, weights
+    def __init__(self, engine: LoraEngine, key: str, weights: AdapterWeights | None, fetch_s: float) -> None:
+        self.engine, self.key, self.weights = engine, key, weights
         self.fetch_s = fetch_s  # seconds spent bringing it to host memory
         self.copy_s = 0.0  # seconds of the device copy, set on the engine thread
 
     def __call__(self) -> None:
-        engine = self.runner.engine
-        if engine.is_resident(self.key):
+        if self.engine.is_resident(self.key):
             return
         if self.weights is None:
             raise AdapterEvicted(f"adapter {self.key} was evicted before its request started")
         started = time.perf_counter()
-        engine.load_adapter(self.key, self.weights)
+        self.engine.load_adapter(self.key, self.weights)
         self.copy_s = time.perf_counter() - started
 
 
@@ -105,11 +104,11 @@ class AdapterManager:
         key = adapter_key(ref)
         self.refs[key] = ref
         if self.runner.engine.is_resident(key):
-            return DeviceLoad(self.runner, key, None, 0.0)
+            return DeviceLoad(self.runner.engine, key, None, 0.0)
         started = time.perf_counter()  # a request that waits for another's fetch of it was delayed too
         async with self._locks.setdefault(key, asyncio.Lock()):
             weights = await self._to_host(ref)
-        return DeviceLoad(self.runner, key, weights, time.perf_counter() - started)
+        return DeviceLoad(self.runner.engine, key, weights, time.perf_counter() - started)
 
     async def ensure_on_device(self, ref: AdapterRef) -> float:
         """Bring the adapter to the device pool; returns the seconds spent on missing tiers."""
