@@ -18,7 +18,7 @@ from nats.errors import TimeoutError as NatsTimeout
 from lorafaas import wire
 from lorafaas.names import MSG_ID_HEADER, Names
 from lorafaas.settings import NatsSettings
-from lorafaas.streams import ensure_streams, worker_consumer_config
+from lorafaas.streams import ensure_streams, pull_invocations
 
 
 async def answer(js, names: Names, msg) -> None:
@@ -45,8 +45,7 @@ async def main(url: str, prefix: str, backbone: str) -> None:
     js = nc.jetstream()
     names = Names(prefix)
     await ensure_streams(js, names)
-    config = worker_consumer_config(names, backbone, NatsSettings(url=url, prefix=prefix))
-    sub = await js.pull_subscribe(config.filter_subject, durable=config.durable_name, stream=names.invocations_stream, config=config)
+    sub = await pull_invocations(js, names, backbone, NatsSettings(url=url, prefix=prefix))
     print("ready", flush=True)
     while True:
         try:

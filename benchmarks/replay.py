@@ -236,7 +236,13 @@ def write_plots(out_dir: Path, per_system: dict[str, list[RequestRecord]], resul
     import matplotlib.pyplot as plt
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
+    paths: list[Path] = []
+
+    def save(fig, name: str) -> None:
+        paths.append(out_dir / name)
+        fig.tight_layout()
+        fig.savefig(paths[-1], dpi=120)
+
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, records in per_system.items():
         ttfts = sorted(r.ttft for r in records if r.ok)
@@ -246,16 +252,12 @@ def write_plots(out_dir: Path, per_system: dict[str, list[RequestRecord]], resul
     ax.set_ylabel("fraction of requests")
     ax.set_title("TTFT CDF")
     ax.legend()
-    paths.append(out_dir / "replay_ttft_cdf.png")
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=120)
+    save(fig, "replay_ttft_cdf.png")
     fig, ax = plt.subplots(figsize=(5, 4))
     ax.bar(list(results), [m["cost_per_1m_tokens_usd"] for m in results.values()], color=["tab:green", "tab:red", "tab:orange"][: len(results)])
     ax.set_ylabel("USD per 1M tokens")
     ax.set_title("cost per 1M tokens")
-    paths.append(out_dir / "replay_cost.png")
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=120)
+    save(fig, "replay_cost.png")
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, records in per_system.items():
         arrivals = sorted(r.arrival_s for r in records if r.cold)
@@ -264,9 +266,7 @@ def write_plots(out_dir: Path, per_system: dict[str, list[RequestRecord]], resul
     ax.set_ylabel("cumulative cold starts")
     ax.set_title("cold starts over time")
     ax.legend()
-    paths.append(out_dir / "replay_cold_starts.png")
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=120)
+    save(fig, "replay_cold_starts.png")
     plt.close("all")
     return paths
 

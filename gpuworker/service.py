@@ -31,7 +31,7 @@ from lorafaas import wire
 from lorafaas.errors import ArtifactIntegrityError, InvalidArtifact, InvalidInput, LorafaasError, NotFound
 from lorafaas.names import MSG_ID_HEADER, Names
 from lorafaas.settings import NatsSettings, WorkerSettings
-from lorafaas.streams import worker_consumer_config
+from lorafaas.streams import pull_invocations
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +101,7 @@ class WorkerService:
         self.draining.set()
 
     async def _pull_loop(self) -> None:
-        config = worker_consumer_config(self.names, self.settings.backbone, self.nats_settings)
-        sub = await self.js.pull_subscribe(config.filter_subject, durable=config.durable_name, stream=self.names.invocations_stream, config=config)
+        sub = await pull_invocations(self.js, self.names, self.settings.backbone, self.nats_settings)
         try:
             while not self.draining.is_set():
                 room = 2 * self.settings.max_batch - len(self.inflight)

@@ -13,7 +13,7 @@ from nats.errors import TimeoutError as NatsTimeout
 
 from lorafaas.names import Names
 from lorafaas.settings import NatsSettings
-from lorafaas.streams import ensure_streams, worker_consumer_config
+from lorafaas.streams import ensure_streams, pull_invocations
 from lorafaas.wire import Invocation
 
 
@@ -22,8 +22,7 @@ async def main(url: str, prefix: str, backbone: str, ack_wait_s: float, max_deli
     js = nc.jetstream()
     names = Names(prefix)
     await ensure_streams(js, names)
-    config = worker_consumer_config(names, backbone, NatsSettings(url=url, prefix=prefix, ack_wait_s=ack_wait_s, max_deliver=max_deliver))
-    sub = await js.pull_subscribe(config.filter_subject, durable=config.durable_name, stream=names.invocations_stream, config=config)
+    sub = await pull_invocations(js, names, backbone, NatsSettings(url=url, prefix=prefix, ack_wait_s=ack_wait_s, max_deliver=max_deliver))
     print("ready", flush=True)
     while True:
         try:

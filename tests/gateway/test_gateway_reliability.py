@@ -18,7 +18,7 @@ from lorafaas.devstack import free_port, start_nats, stop_process
 from lorafaas.names import Names
 from lorafaas.settings import NatsSettings
 from lorafaas.stack import PlatformProcesses
-from lorafaas.streams import worker_consumer_config
+from lorafaas.streams import pull_invocations
 from tests.support.platform import Platform
 from tests.gateway.conftest import idle_function, poll_status
 
@@ -107,8 +107,7 @@ async def test_exhausted_deliveries_are_dead_lettered_and_the_caller_learns(plat
     nc = await nats.connect(s.nats.url)
     js = nc.jetstream()
     # A worker that takes the invocation twice and dies each time (never acks), on a short AckWait.
-    config = worker_consumer_config(names, "tiny-dead", NatsSettings(prefix=s.nats.prefix, ack_wait_s=0.5, max_deliver=2))
-    sub = await js.pull_subscribe(config.filter_subject, durable=config.durable_name, stream=names.invocations_stream, config=config)
+    sub = await pull_invocations(js, names, "tiny-dead", NatsSettings(prefix=s.nats.prefix, ack_wait_s=0.5, max_deliver=2))
     try:
         async with platform.client("alpha") as client:
             sync_call = asyncio.create_task(client.post("/v1/functions/alpha-dead/invoke", json={"prompt": "doomed", "max_tokens": 4}))
