@@ -35,19 +35,37 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from gpuworker.engine import AdapterWeights, ContiguousAllocator, EngineRequest, LoraEngine, PagedAdapterPool, PoolFullError
+from gpuworker.engine import (
+    AdapterWeights,
+    ContiguousAllocator,
+    EngineRequest,
+    LoraEngine,
+    PagedAdapterPool,
+    PoolFullError,
+)
 from gpuworker.engine.adapter_weights import module_dims
 from gpuworker.engine.engine import page_elems_for
 from gpuworker.models import SHAPES, build_backbone, load_backbone, make_adapter
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-TARGETS = {"lora_over_base_throughput": 0.85, "speedup_vs_peft_set_adapter": 4.0, "speedup_vs_peft_mixed": 1.25, "pool_utilisation": 0.95}
+TARGETS = {
+    "lora_over_base_throughput": 0.85,
+    "speedup_vs_peft_set_adapter": 4.0,
+    "speedup_vs_peft_mixed": 1.25,
+    "pool_utilisation": 0.95,
+}
 console = Console(stderr=True)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--shape", choices=sorted(SHAPES), default=None, help="backbone shape (default: demo; tiny with --quick)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    p.add_argument(
+        "--shape", choices=sorted(SHAPES), default=None, help="backbone shape (default: demo; tiny with --quick)"
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--batches", default=None, help="comma-separated batch sizes (default: 8,32)")
@@ -59,8 +77,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds; medians are reported (default: 7)")
     p.add_argument("--churn-events", type=int, default=4000, help="adapter requests in the pool churn simulation")
     p.add_argument("--churn-functions", type=int, default=128, help="distinct adapters in the churn simulation")
-    p.add_argument("--churn-capacity", type=int, default=32, help="pool size in the churn simulation, in adapters of the mix")
-    p.add_argument("--workdir", type=Path, default=None, help="where backbone and adapters are built (reused if present)")
+    p.add_argument(
+        "--churn-capacity", type=int, default=32, help="pool size in the churn simulation, in adapters of the mix"
+    )
+    p.add_argument(
+        "--workdir", type=Path, default=None, help="where backbone and adapters are built (reused if present)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="smoke run: tiny shape, batch 8, 4 tokens, 1 round")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
@@ -127,7 +149,9 @@ def sync(device: str) -> None:
 
 
 # -- decode throughput ----------------------------------------------------------------------
-def ours_pair_round(lora: LoraEngine, base: LoraEngine, prompts: list[list[int]], adapters: list[str], args) -> tuple[float, float]:
+def ours_pair_round(
+    lora: LoraEngine, base: LoraEngine, prompts: list[list[int]], adapters: list[str], args
+) -> tuple[float, float]:
     """Our engine with LoRA and with the backbone alone, decode steps interleaved one by one.
 
     Both engines admit the same prompts (prefill, untimed), then their ``decode_tokens`` decode
@@ -135,7 +159,9 @@ def ours_pair_round(lora: LoraEngine, base: LoraEngine, prompts: list[list[int]]
     """
     for engine, routed in ((lora, adapters), (base, [None] * len(prompts))):
         for i, (prompt, adapter) in enumerate(zip(prompts, routed)):
-            engine.add_request(EngineRequest(f"r{i}", adapter, prompt, max_tokens=args.decode_tokens + 1, ignore_eos=True))
+            engine.add_request(
+                EngineRequest(f"r{i}", adapter, prompt, max_tokens=args.decode_tokens + 1, ignore_eos=True)
+            )
         engine.step()
     elapsed = {"lora": 0.0, "base": 0.0}
     for _ in range(args.decode_tokens):
@@ -182,7 +208,9 @@ def peft_set_adapter_round(peft, prompts, adapters, args) -> float:
     for name in sorted(set(adapters)):
         group = [p for p, a in zip(prompts, adapters) if a == name]
         peft.set_adapter(name)
-        decode_s += peft_generate_s(peft, group, args.decode_tokens + 1, args, None) - peft_generate_s(peft, group, 1, args, None)
+        decode_s += peft_generate_s(peft, group, args.decode_tokens + 1, args, None) - peft_generate_s(
+            peft, group, 1, args, None
+        )
     return len(prompts) * args.decode_tokens / max(decode_s, 1e-9)
 
 
@@ -221,7 +249,9 @@ def bench_batch(batch: int, setup: Setup, peft, args, progress: Progress) -> dic
 
 
 def _engine(setup: Setup, batch: int, args) -> LoraEngine:
-    engine = LoraEngine(setup.model, setup.tokenizer, max_batch=batch, max_seq_len=args.prompt_len + args.decode_tokens + 8)
+    engine = LoraEngine(
+        setup.model, setup.tokenizer, max_batch=batch, max_seq_len=args.prompt_len + args.decode_tokens + 8
+    )
     for i, w in enumerate(setup.weights):
         engine.load_adapter(f"a{i}", w)
     return engine
@@ -231,7 +261,9 @@ def _engine(setup: Setup, batch: int, args) -> LoraEngine:
 def logit_diff(engine: LoraEngine, peft, prompts: list[list[int]], adapters: list[str]) -> float:
     """Max |ours - PEFT| over the prefill and first mixed decode step of every request."""
     captured: dict[str, list[torch.Tensor]] = {}
-    engine.on_logits = lambda ids, logits: [captured.setdefault(r, []).append(logits[i].float().cpu()) for i, r in enumerate(ids)]
+    engine.on_logits = lambda ids, logits: [
+        captured.setdefault(r, []).append(logits[i].float().cpu()) for i, r in enumerate(ids)
+    ]
     for i, (prompt, adapter) in enumerate(zip(prompts, adapters)):
         engine.add_request(EngineRequest(f"diff-{i}", adapter, prompt, max_tokens=2, ignore_eos=True))
     tokens: dict[str, list[int]] = {}
@@ -269,15 +301,17 @@ def bench_cold_load(setup: Setup, args) -> list[dict[str, Any]]:
             host_s.append(time.perf_counter() - start)
             engine.offload_adapter("cold")
         d, h = statistics.median(disk_s), statistics.median(host_s)
-        rows.append({
-            "rank": rank,
-            "disk_bytes": disk_bytes,
-            "disk_to_host_s": d,
-            "disk_to_host_GBps": disk_bytes / d / 1e9,
-            "host_bytes": weights.nbytes,
-            "host_to_device_s": h,
-            "host_to_device_GBps": weights.nbytes / h / 1e9,
-        })
+        rows.append(
+            {
+                "rank": rank,
+                "disk_bytes": disk_bytes,
+                "disk_to_host_s": d,
+                "disk_to_host_GBps": disk_bytes / d / 1e9,
+                "host_bytes": weights.nbytes,
+                "host_to_device_s": h,
+                "host_to_device_GBps": weights.nbytes / h / 1e9,
+            }
+        )
     return rows
 
 
@@ -332,7 +366,9 @@ def bench_pool_churn(setup: Setup, args) -> dict[str, Any]:
         "page_bytes": page_elems * 4,
         "events": len(events),
         "pool_utilisation": statistics.mean(util["paged"]) if util["paged"] else paged.stats().utilisation,
-        "contiguous_utilisation": statistics.mean(util["contiguous"]) if util["contiguous"] else contiguous.utilisation(),
+        "contiguous_utilisation": statistics.mean(util["contiguous"])
+        if util["contiguous"]
+        else contiguous.utilisation(),
         "paged_page_fill": statistics.mean(util["page_fill"]) if util["page_fill"] else 1.0,
         "paged_evictions": evictions["paged"],
         "contiguous_evictions": evictions["contiguous"],
@@ -342,14 +378,32 @@ def bench_pool_churn(setup: Setup, args) -> dict[str, Any]:
 # -- report ---------------------------------------------------------------------------------
 def render(results: dict[str, Any]) -> None:
     out = Console(width=160)
-    table = Table(title=f"decode throughput, tokens/s (medians of {results['config']['rounds']} interleaved rounds; ratios: median of per-round ratios)")
-    for col in ("batch", "ours LoRA", "ours base", "PEFT mixed", "PEFT set_adapter", "LoRA/base", "vs PEFT mixed", "vs set_adapter", "max |dlogit|"):
+    table = Table(
+        title=f"decode throughput, tokens/s (medians of {results['config']['rounds']} interleaved rounds; ratios: median of per-round ratios)"
+    )
+    for col in (
+        "batch",
+        "ours LoRA",
+        "ours base",
+        "PEFT mixed",
+        "PEFT set_adapter",
+        "LoRA/base",
+        "vs PEFT mixed",
+        "vs set_adapter",
+        "max |dlogit|",
+    ):
         table.add_column(col, justify="right")
     for batch, r in results["batches"].items():
         t = r["tokens_per_s"]
         table.add_row(
-            batch, f"{t['ours_lora']:.0f}", f"{t['ours_base']:.0f}", f"{t['peft_mixed']:.0f}", f"{t['peft_set_adapter']:.0f}",
-            f"{r['lora_over_base_throughput']:.3f}", f"{r['speedup_vs_peft_mixed']:.2f}x", f"{r['speedup_vs_peft_set_adapter']:.2f}x",
+            batch,
+            f"{t['ours_lora']:.0f}",
+            f"{t['ours_base']:.0f}",
+            f"{t['peft_mixed']:.0f}",
+            f"{t['peft_set_adapter']:.0f}",
+            f"{r['lora_over_base_throughput']:.3f}",
+            f"{r['speedup_vs_peft_mixed']:.2f}x",
+            f"{r['speedup_vs_peft_set_adapter']:.2f}x",
             f"{r['max_abs_logit_diff']:.1e}",
         )
     out.print(table)
@@ -358,8 +412,13 @@ def render(results: dict[str, Any]) -> None:
         cold.add_column(col, justify="right")
     for row in results["cold_load"]:
         cold.add_row(
-            str(row["rank"]), f"{row['disk_to_host_s'] * 1e3:.2f}", f"{row['disk_bytes'] / 1e6:.2f}", f"{row['disk_to_host_GBps']:.2f}",
-            f"{row['host_to_device_s'] * 1e3:.2f}", f"{row['host_bytes'] / 1e6:.2f}", f"{row['host_to_device_GBps']:.2f}",
+            str(row["rank"]),
+            f"{row['disk_to_host_s'] * 1e3:.2f}",
+            f"{row['disk_bytes'] / 1e6:.2f}",
+            f"{row['disk_to_host_GBps']:.2f}",
+            f"{row['host_to_device_s'] * 1e3:.2f}",
+            f"{row['host_bytes'] / 1e6:.2f}",
+            f"{row['host_to_device_GBps']:.2f}",
         )
     out.print(cold)
     churn = results["pool_churn"]
@@ -369,8 +428,15 @@ def render(results: dict[str, Any]) -> None:
     )
     for col in ("allocator", "utilisation (live / pool bytes)", "live / allocated bytes", "evictions"):
         pool.add_column(col, justify="right")
-    pool.add_row("paged pool", f"{churn['pool_utilisation']:.3f}", f"{churn['paged_page_fill']:.3f}", str(churn["paged_evictions"]))
-    pool.add_row("contiguous first-fit", f"{churn['contiguous_utilisation']:.3f}", "1.000", str(churn["contiguous_evictions"]))
+    pool.add_row(
+        "paged pool",
+        f"{churn['pool_utilisation']:.3f}",
+        f"{churn['paged_page_fill']:.3f}",
+        str(churn["paged_evictions"]),
+    )
+    pool.add_row(
+        "contiguous first-fit", f"{churn['contiguous_utilisation']:.3f}", "1.000", str(churn["contiguous_evictions"])
+    )
     out.print(pool)
     summary = Table(title=f"targets (batch {results['headline_batch']})")
     for col in ("metric", "value", "target", "met"):
@@ -383,8 +449,10 @@ def render(results: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    console.print(f"[bold]engine benchmark[/]: shape={args.shape} device={args.device} dtype={args.dtype} "
-                  f"batches={args.batches} threads={torch.get_num_threads()}")
+    console.print(
+        f"[bold]engine benchmark[/]: shape={args.shape} device={args.device} dtype={args.dtype} "
+        f"batches={args.batches} threads={torch.get_num_threads()}"
+    )
     setup = prepare(args)
     peft = load_peft(setup, args)
     results: dict[str, Any] = {
@@ -401,7 +469,12 @@ def main(argv: list[str] | None = None) -> int:
     results["pool_churn"] = bench_pool_churn(setup, args)
     headline = str(max(args.batches))
     results["headline_batch"] = int(headline)
-    for key in ("lora_over_base_throughput", "speedup_vs_peft_mixed", "speedup_vs_peft_set_adapter", "max_abs_logit_diff"):
+    for key in (
+        "lora_over_base_throughput",
+        "speedup_vs_peft_mixed",
+        "speedup_vs_peft_set_adapter",
+        "max_abs_logit_diff",
+    ):
         results[key] = results["batches"][headline][key]
     results["pool_utilisation"] = results["pool_churn"]["pool_utilisation"]
     results["contiguous_utilisation"] = results["pool_churn"]["contiguous_utilisation"]

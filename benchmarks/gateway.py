@@ -32,11 +32,11 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from lorafaas.devstack import free_port, start_s3, stop_process
+from launcher.devstack import free_port, start_s3, stop_process
+from launcher.platform import create_tenant_with_key, prepare, publish_backbone, register_function
+from launcher.stack import PlatformProcesses
 from lorafaas.names import Names
-from lorafaas.platform import create_tenant_with_key, prepare, publish_backbone, register_function
 from lorafaas.settings import DatabaseSettings, NatsSettings, S3Settings, Settings
-from lorafaas.stack import PlatformProcesses
 from lorafaas.streams import delete_streams
 
 console = Console()
@@ -74,7 +74,9 @@ async def sync_latencies(url: str, key: str, n: int, progress: Progress) -> list
     async with aiohttp.ClientSession(base_url=url, headers={"Authorization": f"Bearer {key}"}) as client:
         for i in range(n):
             started = time.perf_counter()
-            async with client.post("/v1/functions/bench/invoke", json={"prompt": f"ping {i}", "max_tokens": 1}) as response:
+            async with client.post(
+                "/v1/functions/bench/invoke", json={"prompt": f"ping {i}", "max_tokens": 1}
+            ) as response:
                 await response.read()
             out.append((time.perf_counter() - started) * 1000)
             response.raise_for_status()
@@ -94,7 +96,9 @@ async def admitted_per_s(client: httpx.AsyncClient, n: int, concurrency: int, pr
         nonlocal admitted
         while not queue.empty():
             i = queue.get_nowait()
-            response = await client.post("/v1/functions/bench/invoke", json={"prompt": f"job {i}", "max_tokens": 1, "mode": "async"})
+            response = await client.post(
+                "/v1/functions/bench/invoke", json={"prompt": f"job {i}", "max_tokens": 1, "mode": "async"}
+            )
             admitted += response.status_code == 202
             progress.advance(task)
 
@@ -107,8 +111,12 @@ def bench_settings(args: argparse.Namespace, s3_port: int, suffix: str) -> Setti
     base = Settings()
     return base.model_copy(
         update={
-            "nats": NatsSettings(url=args.nats_url or base.nats.url, prefix=f"lfbench{suffix}", max_queue_per_function=100_000),
-            "database": DatabaseSettings(url=args.database_url or base.database.url.rsplit("/", 1)[0] + f"/lorafaas_bench_{suffix}", pool_size=10),
+            "nats": NatsSettings(
+                url=args.nats_url or base.nats.url, prefix=f"lfbench{suffix}", max_queue_per_function=100_000
+            ),
+            "database": DatabaseSettings(
+                url=args.database_url or base.database.url.rsplit("/", 1)[0] + f"/lorafaas_bench_{suffix}", pool_size=10
+            ),
             "s3": S3Settings(endpoint=f"127.0.0.1:{s3_port}", bucket="lorafaas-bench"),
             "gateway_port": free_port(),
             "controlplane_port": free_port(),
@@ -144,7 +152,9 @@ async def cleanup(settings: Settings) -> None:
 async def measure(args: argparse.Namespace, settings: Settings, key: str) -> dict:
     url = f"http://{settings.gateway_host}:{settings.gateway_port}"
     limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
-    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30, limits=limits) as client:
+    async with httpx.AsyncClient(
+        base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30, limits=limits
+    ) as client:
         with Progress(console=console, transient=True) as progress:
             await sync_latencies(url, key, args.warmup, progress)
             rtt = await nats_rtt(settings.nats.url, settings.nats.prefix, args.requests)
@@ -174,7 +184,9 @@ def print_table(result: dict) -> None:
     table.add_row("overhead (invoke - NATS)", f"{result['overhead_p50_ms']:.3f}", f"{result['overhead_p99_ms']:.3f}")
     console.print(table)
     verdict = "meets" if result["overhead_p50_ms"] <= 5 else "MISSES"
-    console.print(f"admitted async invocations: {result['admitted_per_s']:.1f}/s at concurrency {result['concurrency']}; overhead p50 {verdict} the 5 ms target")
+    console.print(
+        f"admitted async invocations: {result['admitted_per_s']:.1f}/s at concurrency {result['concurrency']}; overhead p50 {verdict} the 5 ms target"
+    )
 
 
 async def run(args: argparse.Namespace) -> dict:
@@ -190,7 +202,11 @@ async def run(args: argparse.Namespace) -> dict:
             key = await setup_function(settings, workdir)
             await asyncio.to_thread(procs.start_controlplane)
             await asyncio.to_thread(procs.start_gateway)
-            worker = subprocess.Popen([sys.executable, str(NULL_WORKER), settings.nats.url, settings.nats.prefix, "bench"], stdout=subprocess.PIPE, text=True)
+            worker = subprocess.Popen(
+                [sys.executable, str(NULL_WORKER), settings.nats.url, settings.nats.prefix, "bench"],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
             await asyncio.to_thread(worker.stdout.readline)
         return await measure(args, settings, key)
     finally:
@@ -204,12 +220,18 @@ async def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=500, help="sequential sync invocations measured (and NATS round trips)")
+    parser.add_argument(
+        "--requests", type=int, default=500, help="sequential sync invocations measured (and NATS round trips)"
+    )
     parser.add_argument("--warmup", type=int, default=50, help="sync invocations before measuring")
     parser.add_argument("--admissions", type=int, default=1000, help="async submissions for the admission rate")
     parser.add_argument("--concurrency", type=int, default=16, help="concurrent callers for the admission rate")
     parser.add_argument("--nats-url", default=None, help="NATS server (default: settings)")
-    parser.add_argument("--database-url", default=None, help="Postgres database URL (default: a private database on the settings' server)")
+    parser.add_argument(
+        "--database-url",
+        default=None,
+        help="Postgres database URL (default: a private database on the settings' server)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
     result = asyncio.run(run(args))

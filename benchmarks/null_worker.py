@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import nats
 from nats.errors import TimeoutError as NatsTimeout
@@ -23,19 +23,39 @@ from lorafaas.streams import ensure_streams, pull_invocations
 
 async def answer(js, names: Names, msg) -> None:
     inv = wire.Invocation.decode(msg.data)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     tokens = max(1, len(inv.prompt.split()))
     result = wire.InvocationResult(
-        invocation_id=inv.invocation_id, status=wire.ResultStatus.SUCCEEDED, text=inv.prompt, finish_reason="stop",
-        prompt_tokens=tokens, completion_tokens=tokens, worker_id="null", first_token_at=now, finished_at=now,
+        invocation_id=inv.invocation_id,
+        status=wire.ResultStatus.SUCCEEDED,
+        text=inv.prompt,
+        finish_reason="stop",
+        prompt_tokens=tokens,
+        completion_tokens=tokens,
+        worker_id="null",
+        first_token_at=now,
+        finished_at=now,
     )
     usage = wire.UsageEvent(
-        invocation_id=inv.invocation_id, tenant_id=inv.tenant_id, function_id=inv.adapter.function_id,
-        input_tokens=tokens, output_tokens=tokens, worker_id="null", finished_at=now,
+        invocation_id=inv.invocation_id,
+        tenant_id=inv.tenant_id,
+        function_id=inv.adapter.function_id,
+        input_tokens=tokens,
+        output_tokens=tokens,
+        worker_id="null",
+        finished_at=now,
     )
     await asyncio.gather(
-        js.publish(names.result_subject(inv.invocation_id), result.encode(), headers={MSG_ID_HEADER: f"result-{inv.invocation_id}"}),
-        js.publish(names.usage_subject(inv.invocation_id), usage.encode(), headers={MSG_ID_HEADER: f"usage-{inv.invocation_id}"}),
+        js.publish(
+            names.result_subject(inv.invocation_id),
+            result.encode(),
+            headers={MSG_ID_HEADER: f"result-{inv.invocation_id}"},
+        ),
+        js.publish(
+            names.usage_subject(inv.invocation_id),
+            usage.encode(),
+            headers={MSG_ID_HEADER: f"usage-{inv.invocation_id}"},
+        ),
     )
     await msg.ack()
 
@@ -50,7 +70,7 @@ async def main(url: str, prefix: str, backbone: str) -> None:
     while True:
         try:
             msgs = await sub.fetch(batch=64, timeout=1.0)
-        except (NatsTimeout, asyncio.TimeoutError):  # nats-py raises either
+        except (TimeoutError, NatsTimeout):  # nats-py raises either
             continue
         await asyncio.gather(*(answer(js, names, m) for m in msgs))
 

@@ -31,9 +31,9 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 
 from benchmarks.replay_systems import SYSTEMS, FunctionSpec, ReplaySetup, System, make_system  # noqa: E402
 from controlplane.db.models import Invocation  # noqa: E402
-from lorafaas import trace  # noqa: E402
-from lorafaas.devstack import DevStack  # noqa: E402
-from lorafaas.platform import admin  # noqa: E402
+from launcher import trace  # noqa: E402
+from launcher.devstack import DevStack  # noqa: E402
+from launcher.platform import admin  # noqa: E402
 from lorafaas.settings import S3Settings, Settings  # noqa: E402
 
 console = Console(stderr=True)
@@ -82,7 +82,13 @@ class RequestRecord:
 
 # --- client -----------------------------------------------------------------------------------
 async def stream_completion(client: httpx.AsyncClient, model: str, prompt: str, rec: RequestRecord) -> None:
-    body = {"model": model, "prompt": prompt, "max_tokens": rec.max_tokens, "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": rec.max_tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     async with client.stream("POST", "/v1/completions", json=body) as response:
         rec.status = response.status_code
         if response.status_code != 200:
@@ -91,7 +97,7 @@ async def stream_completion(client: httpx.AsyncClient, model: str, prompt: str, 
         async for line in response.aiter_lines():
             if not line.startswith("data: "):
                 continue
-            data = line[len("data: "):]
+            data = line[len("data: ") :]
             if data.strip() == "[DONE]":
                 break
             chunk = json.loads(data)
@@ -112,12 +118,19 @@ async def stream_completion(client: httpx.AsyncClient, model: str, prompt: str, 
     rec.done = time.perf_counter()
 
 
-async def replay_system(system: System, requests: list[trace.TraceRequest], functions: list[FunctionSpec], seed: int) -> tuple[list[RequestRecord], float, float]:
-    records = [RequestRecord(i, r.function_index, r.arrival_s, r.prompt_tokens, r.output_tokens) for i, r in enumerate(requests)]
+async def replay_system(
+    system: System, requests: list[trace.TraceRequest], functions: list[FunctionSpec], seed: int
+) -> tuple[list[RequestRecord], float, float]:
+    records = [
+        RequestRecord(i, r.function_index, r.arrival_s, r.prompt_tokens, r.output_tokens)
+        for i, r in enumerate(requests)
+    ]
     headers = {"Authorization": f"Bearer {system.api_key}"}
     limits = httpx.Limits(max_connections=1024, max_keepalive_connections=128)
     async with httpx.AsyncClient(base_url=system.url, headers=headers, timeout=900, limits=limits) as client:
-        with Progress(TextColumn(f"{system.name:>9}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as progress:
+        with Progress(
+            TextColumn(f"{system.name:>9}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+        ) as progress:
             bar = progress.add_task(system.name, total=len(records))
             start = time.perf_counter()
 
@@ -145,7 +158,9 @@ async def attach_load_times(system: System, records: list[RequestRecord]) -> Non
     """The adapter load time of each invocation, as the worker measured it (timings.load_s)."""
     ids = {r.invocation_id.removeprefix("cmpl-"): r for r in records if r.invocation_id}
     async with admin(system.settings) as a:
-        rows = (await a.session.execute(select(Invocation.id, Invocation.timings).where(Invocation.id.in_(list(ids))))).all()
+        rows = (
+            await a.session.execute(select(Invocation.id, Invocation.timings).where(Invocation.id.in_(list(ids))))
+        ).all()
     for inv_id, timings in rows:
         ids[inv_id].load_s = float((timings or {}).get("load_s", 0.0))
 
@@ -200,7 +215,9 @@ def comparisons(results: dict[str, dict]) -> dict[str, float]:
         out["cost_reduction_vs_dedicated"] = reduction(ours["cost_per_1m_tokens_usd"], d["cost_per_1m_tokens_usd"])
     if ours and "reactive" in results:
         r = results["reactive"]
-        out["cold_start_added_reduction_vs_reactive"] = reduction(ours["cold_start_added_p50_s"], r["cold_start_added_p50_s"])
+        out["cold_start_added_reduction_vs_reactive"] = reduction(
+            ours["cold_start_added_p50_s"], r["cold_start_added_p50_s"]
+        )
         out["throughput_vs_reactive"] = ours["throughput_tokens_per_s"] / max(1e-9, r["throughput_tokens_per_s"])
         out["ttft_p50_reduction_vs_reactive"] = reduction(ours["ttft_p50_s"], r["ttft_p50_s"])
     return out
@@ -254,7 +271,11 @@ def write_plots(out_dir: Path, per_system: dict[str, list[RequestRecord]], resul
     ax.legend()
     save(fig, "replay_ttft_cdf.png")
     fig, ax = plt.subplots(figsize=(5, 4))
-    ax.bar(list(results), [m["cost_per_1m_tokens_usd"] for m in results.values()], color=["tab:green", "tab:red", "tab:orange"][: len(results)])
+    ax.bar(
+        list(results),
+        [m["cost_per_1m_tokens_usd"] for m in results.values()],
+        color=["tab:green", "tab:red", "tab:orange"][: len(results)],
+    )
     ax.set_ylabel("USD per 1M tokens")
     ax.set_title("cost per 1M tokens")
     save(fig, "replay_cost.png")
@@ -304,24 +325,49 @@ def pool_pages_for(backbone: Path, adapters: list[Path], fraction: float) -> int
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--trace", type=Path, default=ROOT / "data" / "AzureLLMInferenceTrace_conv.csv", help="CSV with TIMESTAMP, ContextTokens, GeneratedTokens")
+    p.add_argument(
+        "--trace",
+        type=Path,
+        default=ROOT / "data" / "AzureLLMInferenceTrace_conv.csv",
+        help="CSV with TIMESTAMP, ContextTokens, GeneratedTokens",
+    )
     p.add_argument("--start", type=float, default=0.0, help="start offset of the slice (s)")
     p.add_argument("--duration", type=float, default=60.0, help="length of the slice (s)")
     p.add_argument("--time-scale", type=float, default=1.0, help="replayed gap = original gap x this")
     p.add_argument("--token-scale", type=float, default=1 / 16, help="token lengths x this")
     p.add_argument("--max-prompt", type=int, default=128, help="cap on scaled prompt tokens")
     p.add_argument("--max-output", type=int, default=32, help="cap on scaled output tokens")
-    p.add_argument("--functions", type=int, default=10, help="number of LoRA functions (with N always-warm functions, dedicated holds ~N devices)")
+    p.add_argument(
+        "--functions",
+        type=int,
+        default=10,
+        help="number of LoRA functions (with N always-warm functions, dedicated holds ~N devices)",
+    )
     p.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent of function popularity")
     p.add_argument("--ranks", default="8,16,32,64,128", help="rank mix each function's rank is drawn from")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1, help="shared-backbone workers (lorafaas, reactive)")
     p.add_argument("--shape", default="demo", help="backbone shape (tiny, demo, small, llama-7b)")
-    p.add_argument("--pool-fraction", type=float, default=0.5, help="device pool size as a fraction of all adapters' bytes (0 = engine default)")
-    p.add_argument("--idle-timeout", type=float, default=20.0, help="dedicated: stop a function's backbone after this idle time (s)")
+    p.add_argument(
+        "--pool-fraction",
+        type=float,
+        default=0.5,
+        help="device pool size as a fraction of all adapters' bytes (0 = engine default)",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=20.0,
+        help="dedicated: stop a function's backbone after this idle time (s)",
+    )
     p.add_argument("--slo-ttft", type=float, default=1.0, help="TTFT SLO (s)")
     p.add_argument("--slo-tbt", type=float, default=0.25, help="mean time-between-tokens SLO (s)")
-    p.add_argument("--device-price-per-hour", type=float, default=3.00, help="USD per device-hour (default: a public on-demand H100 price)")
+    p.add_argument(
+        "--device-price-per-hour",
+        type=float,
+        default=3.00,
+        help="USD per device-hour (default: a public on-demand H100 price)",
+    )
     p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {SYSTEMS}")
     p.add_argument("--workdir", type=Path, default=ROOT / ".lorafaas" / "replay")
     p.add_argument("--out", type=Path, help="write JSON results here")
@@ -335,8 +381,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 async def run(args: argparse.Namespace) -> dict:
     scale = trace.TraceScaling(
-        start_s=args.start, duration_s=args.duration, time_scale=args.time_scale, token_scale=args.token_scale,
-        max_prompt_tokens=args.max_prompt, max_output_tokens=args.max_output, functions=args.functions, zipf_s=args.zipf, seed=args.seed,
+        start_s=args.start,
+        duration_s=args.duration,
+        time_scale=args.time_scale,
+        token_scale=args.token_scale,
+        max_prompt_tokens=args.max_prompt,
+        max_output_tokens=args.max_output,
+        functions=args.functions,
+        zipf_s=args.zipf,
+        seed=args.seed,
     )
     requests = trace.load_trace(args.trace, scale)
     ranks = trace.assign_ranks(args.functions, tuple(int(r) for r in args.ranks.split(",")), args.seed)
@@ -345,7 +398,13 @@ async def run(args: argparse.Namespace) -> dict:
     args.workdir.mkdir(parents=True, exist_ok=True)
     backbone, adapter_dirs = await asyncio.to_thread(build_models, args.workdir, args.shape, ranks)
     functions = [FunctionSpec(f"f{i:02d}-r{rank}", rank, d) for i, (rank, d) in enumerate(zip(ranks, adapter_dirs))]
-    setup = ReplaySetup(backbone, functions, workers=args.workers, pool_pages=pool_pages_for(backbone, adapter_dirs, args.pool_fraction), idle_timeout_s=args.idle_timeout)
+    setup = ReplaySetup(
+        backbone,
+        functions,
+        workers=args.workers,
+        pool_pages=pool_pages_for(backbone, adapter_dirs, args.pool_fraction),
+        idle_timeout_s=args.idle_timeout,
+    )
     base = Settings(s3=S3Settings(endpoint="127.0.0.1:9000", bucket="lorafaas-bench"))
     results: dict[str, dict] = {}
     per_system: dict[str, list[RequestRecord]] = {}

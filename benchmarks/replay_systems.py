@@ -21,12 +21,12 @@ from pathlib import Path
 import nats
 
 from controlplane.services import catalog
+from launcher.devstack import free_port
+from launcher.platform import admin, create_tenant_with_key, prepare, publish_backbone, register_function
+from launcher.stack import PlatformProcesses, wait_for_worker
 from lorafaas import wire
-from lorafaas.devstack import free_port
 from lorafaas.names import Names
-from lorafaas.platform import admin, create_tenant_with_key, prepare, publish_backbone, register_function
 from lorafaas.settings import Settings
-from lorafaas.stack import PlatformProcesses, wait_for_worker
 
 SYSTEMS = ("lorafaas", "dedicated", "reactive")
 
@@ -125,7 +125,15 @@ class System:
         await publish_backbone(self.settings, "bench", self.setup.backbone_dir)
         tenant_id, self.api_key = await create_tenant_with_key(self.settings, "bench")
         for fn in self.setup.functions:
-            await register_function(self.settings, tenant_id, fn.name, self.backbone_of(fn), fn.adapter_dir, self.setup.price_input, self.setup.price_output)
+            await register_function(
+                self.settings,
+                tenant_id,
+                fn.name,
+                self.backbone_of(fn),
+                fn.adapter_dir,
+                self.setup.price_input,
+                self.setup.price_output,
+            )
         self.tenant_id = tenant_id
 
     def backbone_of(self, fn: FunctionSpec) -> str:
@@ -163,7 +171,9 @@ class System:
 
     async def _sample_memory(self) -> None:
         while True:
-            total = sum(rss_bytes(p.pid) for n, p in self.procs.procs.items() if n.startswith("worker-") and p.poll() is None)
+            total = sum(
+                rss_bytes(p.pid) for n, p in self.procs.procs.items() if n.startswith("worker-") and p.poll() is None
+            )
             self.peak_memory_bytes = max(self.peak_memory_bytes, total)
             await asyncio.sleep(0.25)
 
@@ -196,7 +206,10 @@ class LorafaasSystem(System):
         """ServerlessLoRA's comprehensive pre-loading: every adapter onto every worker, warmed up."""
         names = Names(self.settings.nats.prefix)
         async with admin(self.settings) as a:
-            refs = [(await catalog.served_function(a.session, self.tenant_id, fn.name)).adapter_ref() for fn in self.setup.functions]
+            refs = [
+                (await catalog.served_function(a.session, self.tenant_id, fn.name)).adapter_ref()
+                for fn in self.setup.functions
+            ]
         nc = await nats.connect(self.settings.nats.url)
         try:
             for worker_id in self.lives:
@@ -239,7 +252,15 @@ class DedicatedSystem(System):
                 await catalog.register_backbone(a.session, self.backbone_of(fn), uri, bb.shape, bb.max_context)
         tenant_id, self.api_key = await create_tenant_with_key(self.settings, "bench")
         for fn in self.setup.functions:
-            await register_function(self.settings, tenant_id, fn.name, self.backbone_of(fn), fn.adapter_dir, self.setup.price_input, self.setup.price_output)
+            await register_function(
+                self.settings,
+                tenant_id,
+                fn.name,
+                self.backbone_of(fn),
+                fn.adapter_dir,
+                self.setup.price_input,
+                self.setup.price_output,
+            )
         self.tenant_id = tenant_id
 
     async def start_workers(self) -> None:
@@ -294,4 +315,6 @@ class DedicatedSystem(System):
 
 
 def make_system(name: str, base: Settings, setup: ReplaySetup, workdir: Path) -> System:
-    return {"lorafaas": LorafaasSystem, "reactive": ReactiveSystem, "dedicated": DedicatedSystem}[name](base, setup, workdir)
+    return {"lorafaas": LorafaasSystem, "reactive": ReactiveSystem, "dedicated": DedicatedSystem}[name](
+        base, setup, workdir
+    )

@@ -19,7 +19,7 @@ import logging
 import random
 import secrets
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import httpx
 from sqlalchemy import select, update
@@ -61,7 +61,9 @@ def verify(secret: str, header: str, body: bytes, tolerance_s: float = 300.0) ->
 async def ensure_secret(session: AsyncSession, tenant_id: str) -> str:
     """The tenant's callback secret, made on first use (race-safe: the first writer wins)."""
     await session.execute(
-        update(Tenant).where(Tenant.id == tenant_id, Tenant.callback_secret.is_(None)).values(callback_secret="whsec_" + secrets.token_hex(24))
+        update(Tenant)
+        .where(Tenant.id == tenant_id, Tenant.callback_secret.is_(None))
+        .values(callback_secret="whsec_" + secrets.token_hex(24))
     )
     return await session.scalar(select(Tenant.callback_secret).where(Tenant.id == tenant_id))
 
@@ -70,7 +72,11 @@ def payload(row: Invocation) -> dict:
     usage = None
     if row.prompt_tokens is not None:
         completion = row.completion_tokens or 0
-        usage = {"prompt_tokens": row.prompt_tokens, "completion_tokens": completion, "total_tokens": row.prompt_tokens + completion}
+        usage = {
+            "prompt_tokens": row.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": row.prompt_tokens + completion,
+        }
     return {
         "id": row.id,
         "function_id": row.function_id,
@@ -95,7 +101,12 @@ def retryable(status: int) -> bool:
 class CallbackDispatcher:
     """Delivers callbacks in background tasks; resumes pending ones after a restart."""
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], settings: CallbackSettings, client: httpx.AsyncClient | None = None) -> None:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        settings: CallbackSettings,
+        client: httpx.AsyncClient | None = None,
+    ) -> None:
         self.sessions, self.settings = sessions, settings
         self.client = client or httpx.AsyncClient(timeout=settings.timeout_s, follow_redirects=False)
         self._tasks: set[asyncio.Task] = set()
@@ -111,7 +122,11 @@ class CallbackDispatcher:
 
     async def resume(self) -> None:
         async with self.sessions() as session:
-            ids = (await session.scalars(select(Invocation.id).where(Invocation.callback_state == PENDING, Invocation.state.in_(TERMINAL)))).all()
+            ids = (
+                await session.scalars(
+                    select(Invocation.id).where(Invocation.callback_state == PENDING, Invocation.state.in_(TERMINAL))
+                )
+            ).all()
         for invocation_id in ids:
             self._spawn(invocation_id)
 
@@ -142,22 +157,45 @@ class CallbackDispatcher:
             ok = status is not None and 200 <= status < 300
             final = ok or attempt >= self.settings.max_attempts or (status is not None and not retryable(status))
             state = DELIVERED if ok else (FAILED if final else PENDING)
-            await self._record(invocation_id, {"attempt": attempt, "at": datetime.now(timezone.utc).isoformat(), "status_code": status, "error": error, "duration_ms": duration_ms}, state)
+            await self._record(
+                invocation_id,
+                {
+                    "attempt": attempt,
+                    "at": datetime.now(UTC).isoformat(),
+                    "status_code": status,
+                    "error": error,
+                    "duration_ms": duration_ms,
+                },
+                state,
+            )
             if final:
                 return
             await asyncio.sleep(backoff_s(attempt, self.settings))
 
-    async def _post(self, url: str, body: bytes, secret: str, invocation_id: str) -> tuple[int | None, str | None, float]:
-        headers = {"content-type": "application/json", SIGNATURE_HEADER: signature_header(secret, body), CALLBACK_ID_HEADER: invocation_id}
+    async def _post(
+        self, url: str, body: bytes, secret: str, invocation_id: str
+    ) -> tuple[int | None, str | None, float]:
+        headers = {
+            "content-type": "application/json",
+            SIGNATURE_HEADER: signature_header(secret, body),
+            CALLBACK_ID_HEADER: invocation_id,
+        }
         started = time.perf_counter()
         try:
             response = await self.client.post(url, content=body, headers=headers, timeout=self.settings.timeout_s)
             return response.status_code, None, round((time.perf_counter() - started) * 1000, 2)
         except httpx.HTTPError as e:
-            return None, f"{type(e).__name__}: {e}" or type(e).__name__, round((time.perf_counter() - started) * 1000, 2)
+            return (
+                None,
+                f"{type(e).__name__}: {e}" or type(e).__name__,
+                round((time.perf_counter() - started) * 1000, 2),
+            )
 
     async def _record(self, invocation_id: str, attempt: dict, state: str) -> None:
         async with self.sessions.begin() as session:
             row = await session.get(Invocation, invocation_id, with_for_update=True)
-            row.callback_attempts = [*(row.callback_attempts or []), attempt]  # a new list: JSON columns track assignment
+            row.callback_attempts = [
+                *(row.callback_attempts or []),
+                attempt,
+            ]  # a new list: JSON columns track assignment
             row.callback_state = state

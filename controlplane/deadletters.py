@@ -35,7 +35,9 @@ class DeadLetterMover:
         self._sub = None
 
     async def start(self) -> None:
-        self._sub = await self.nc.subscribe(self.names.max_deliveries_advisory(self.names.invocations_stream), cb=self._on_advisory)
+        self._sub = await self.nc.subscribe(
+            self.names.max_deliveries_advisory(self.names.invocations_stream), cb=self._on_advisory
+        )
 
     async def stop(self) -> None:
         if self._sub is not None:
@@ -44,7 +46,9 @@ class DeadLetterMover:
     async def _on_advisory(self, msg: Msg) -> None:
         try:
             advisory = json.loads(msg.data)
-            await self.move(int(advisory["stream_seq"]), int(advisory.get("deliveries", 0)), advisory.get("consumer", ""))
+            await self.move(
+                int(advisory["stream_seq"]), int(advisory.get("deliveries", 0)), advisory.get("consumer", "")
+            )
         except Exception:  # one bad advisory must not end the subscription
             log.exception("could not dead-letter after advisory %s", msg.data[:200])
 
@@ -63,10 +67,16 @@ class DeadLetterMover:
             return
         inv_id = invocation.invocation_id
         await self.js.publish(
-            self.names.dead_letter_subject(invocation.backbone), raw.data, headers={MSG_ID_HEADER: f"dead-{inv_id}", DEAD_REASON_HEADER: reason}
+            self.names.dead_letter_subject(invocation.backbone),
+            raw.data,
+            headers={MSG_ID_HEADER: f"dead-{inv_id}", DEAD_REASON_HEADER: reason},
         )
-        failed = InvocationResult(invocation_id=inv_id, status=ResultStatus.FAILED, error=reason, error_code=InvocationFailed.code)
-        await self.js.publish(self.names.result_subject(inv_id), failed.encode(), headers={MSG_ID_HEADER: f"result-{inv_id}"})
+        failed = InvocationResult(
+            invocation_id=inv_id, status=ResultStatus.FAILED, error=reason, error_code=InvocationFailed.code
+        )
+        await self.js.publish(
+            self.names.result_subject(inv_id), failed.encode(), headers={MSG_ID_HEADER: f"result-{inv_id}"}
+        )
         await self.js.delete_msg(stream, seq)
         self.moved += 1
         log.warning("invocation %s dead-lettered: %s", inv_id, reason)

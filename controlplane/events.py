@@ -13,8 +13,8 @@ import logging
 from collections.abc import Callable
 
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
 from nats.errors import TimeoutError as NatsTimeout
+from nats.js import JetStreamContext
 from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
@@ -72,12 +72,14 @@ class EventConsumer:
 
     async def run(self) -> None:
         config = controlplane_consumer_config(self.names, self.nats)
-        sub = await self.js.pull_subscribe(config.filter_subject, durable=config.durable_name, stream=self.names.events_stream, config=config)
+        sub = await self.js.pull_subscribe(
+            config.filter_subject, durable=config.durable_name, stream=self.names.events_stream, config=config
+        )
         try:
             while not self._stopping.is_set():
                 try:
                     msgs = await sub.fetch(batch=64, timeout=0.5)
-                except (NatsTimeout, asyncio.TimeoutError):  # nats-py raises either
+                except (TimeoutError, NatsTimeout):  # nats-py raises either
                     continue
                 for msg in msgs:
                     await self.handle(msg)

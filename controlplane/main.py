@@ -12,8 +12,8 @@ from fastapi import FastAPI
 
 from controlplane.api import admin, tenant
 from controlplane.api.deps import ControlPlaneRuntime
-from controlplane.db.session import make_engine, make_sessionmaker
 from controlplane.callbacks import CallbackDispatcher
+from controlplane.db.session import make_engine, make_sessionmaker
 from controlplane.deadletters import DeadLetterMover
 from controlplane.events import EventConsumer
 from controlplane.registry import WorkerRegistry
@@ -33,7 +33,9 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = make_engine(settings.database)
         sessions = make_sessionmaker(engine)
-        nc = await nats.connect(settings.nats.url, name="lorafaas-controlplane", max_reconnect_attempts=-1, reconnect_time_wait=0.5)
+        nc = await nats.connect(
+            settings.nats.url, name="lorafaas-controlplane", max_reconnect_attempts=-1, reconnect_time_wait=0.5
+        )
         js = nc.jetstream()
         names = Names(settings.nats.prefix)
         await ensure_streams(js, names)
@@ -44,7 +46,10 @@ def create_app(settings: Settings) -> FastAPI:
         await deadletters.start()
         await callbacks.resume()
         registry = WorkerRegistry(nc, sessions, names, settings.controlplane.worker_dead_after_s)
-        tasks = [asyncio.create_task(consumer.run(), name="event-consumer"), asyncio.create_task(registry.run(), name="worker-registry")]
+        tasks = [
+            asyncio.create_task(consumer.run(), name="event-consumer"),
+            asyncio.create_task(registry.run(), name="worker-registry"),
+        ]
         app.state.sessions, app.state.nc, app.state.consumer, app.state.registry = sessions, nc, consumer, registry
         app.state.runtime = ControlPlaneRuntime(settings, sessions, ArtifactStore(settings.s3), nc, names)
         try:
@@ -65,6 +70,9 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict:
-        return {"status": "ok" if app.state.nc.is_connected else "degraded", "events_applied": app.state.consumer.applied}
+        return {
+            "status": "ok" if app.state.nc.is_connected else "degraded",
+            "events_applied": app.state.consumer.applied,
+        }
 
     return app

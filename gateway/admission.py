@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -33,14 +33,18 @@ def request_hash(function_name: str, body: dict) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-async def idempotent_replay(session: AsyncSession, tenant_id: str, key: str, digest: str, ttl_s: float) -> Invocation | None:
+async def idempotent_replay(
+    session: AsyncSession, tenant_id: str, key: str, digest: str, ttl_s: float
+) -> Invocation | None:
     """The invocation this key already names, or None when the key is new (or expired, then freed)."""
     if not key or len(key) > 256:
         raise InvalidInput("Idempotency-Key must be 1-256 characters", param="Idempotency-Key")
-    row = await session.scalar(select(Invocation).where(Invocation.tenant_id == tenant_id, Invocation.idempotency_key == key))
+    row = await session.scalar(
+        select(Invocation).where(Invocation.tenant_id == tenant_id, Invocation.idempotency_key == key)
+    )
     if row is None:
         return None
-    if row.accepted_at < datetime.now(timezone.utc) - timedelta(seconds=ttl_s):
+    if row.accepted_at < datetime.now(UTC) - timedelta(seconds=ttl_s):
         row.idempotency_key = None  # expired: the key may name a new invocation
         await session.flush()
         return None
@@ -52,12 +56,20 @@ async def idempotent_replay(session: AsyncSession, tenant_id: str, key: str, dig
     return row
 
 
-def check_limits(served: ServedFunction, limits: LimitSettings, prompt: str, max_tokens: int, prompt_tokens: int | None) -> None:
+def check_limits(
+    served: ServedFunction, limits: LimitSettings, prompt: str, max_tokens: int, prompt_tokens: int | None
+) -> None:
     limit = min(limits.max_tokens, served.function.max_tokens or limits.max_tokens)
     if max_tokens > limit:
-        raise InvalidInput(f"max_tokens={max_tokens} is above this function's limit of {limit}", param="max_tokens", limit=limit)
+        raise InvalidInput(
+            f"max_tokens={max_tokens} is above this function's limit of {limit}", param="max_tokens", limit=limit
+        )
     if len(prompt) > limits.max_prompt_chars:
-        raise InvalidInput(f"prompt has {len(prompt)} characters; the limit is {limits.max_prompt_chars}", param="prompt", limit=limits.max_prompt_chars)
+        raise InvalidInput(
+            f"prompt has {len(prompt)} characters; the limit is {limits.max_prompt_chars}",
+            param="prompt",
+            limit=limits.max_prompt_chars,
+        )
     if not prompt.strip():
         raise InvalidInput("prompt is blank; send the text to complete", param="prompt")
     context = served.backbone.max_context

@@ -10,11 +10,11 @@ import nats
 from fastapi import FastAPI
 from nats.aio.client import Client as NATS
 
+from gateway.auth import KeyCache
 from gateway.db import GuardedSessions, make_gateway_engine
 from gateway.dispatch import Dispatcher
 from gateway.metrics import GatewayMetrics
 from gateway.openai_routes import router as openai_router
-from gateway.auth import KeyCache
 from gateway.quotas import QuotaGuard
 from gateway.routes import router
 from gateway.service import InvocationService
@@ -61,7 +61,12 @@ def create_app(settings: Settings) -> FastAPI:
         key_cache = KeyCache(settings.controlplane.key_cache_ttl_s)
         await key_cache.listen(nc, names)
         service = InvocationService(
-            GuardedSessions(engine), Dispatcher(nc, js, names), settings, TokenCounter(ArtifactStore(settings.s3)), metrics, quota_guard
+            GuardedSessions(engine),
+            Dispatcher(nc, js, names),
+            settings,
+            TokenCounter(ArtifactStore(settings.s3)),
+            metrics,
+            quota_guard,
         )
         app.state.runtime = GatewayRuntime(settings, nc, service, metrics, key_cache)
         try:

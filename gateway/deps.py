@@ -17,7 +17,9 @@ async def _service(request: Request) -> InvocationService:  # async: a plain def
     return request.app.state.runtime.invocations
 
 
-async def _principal(request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Principal:
+async def _principal(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> Principal:
     runtime = request.app.state.runtime
     return await runtime.keys.principal(runtime.invocations.sessions, credentials.credentials if credentials else None)
 

@@ -40,7 +40,7 @@ class Watch:
             remaining = deadline - asyncio.get_running_loop().time()
             try:
                 item = await asyncio.wait_for(self.queue.get(), max(0.0, remaining))
-            except asyncio.TimeoutError as e:
+            except TimeoutError as e:
                 raise InvocationTimeout(
                     f"no result within {timeout_s:g}s; the invocation goes on: poll GET /v1/invocations/{invocation_id}",
                     invocation_id=invocation_id,
@@ -71,7 +71,11 @@ class Dispatcher:
         await self._publish(self.names.invoke_subject(invocation.backbone), invocation, invocation.invocation_id)
 
     async def publish_cancel(self, invocation_id: str) -> None:
-        await self._publish(self.names.cancel_subject(invocation_id), CancelRequest(invocation_id=invocation_id), f"cancel-{invocation_id}")
+        await self._publish(
+            self.names.cancel_subject(invocation_id),
+            CancelRequest(invocation_id=invocation_id),
+            f"cancel-{invocation_id}",
+        )
 
     async def publish_result(self, result: InvocationResult) -> None:
         """A result the gateway settles itself (a cancelled queued invocation); same id as a worker's."""

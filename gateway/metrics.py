@@ -18,13 +18,34 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("lorafaas_gateway_requests_total", "HTTP requests by route and status", ["method", "route", "status"], registry=self.registry)
-        self.request_seconds = Histogram(
-            "lorafaas_gateway_request_seconds", "HTTP handling time by route (streams: until headers)", ["route"], buckets=LATENCY_BUCKETS, registry=self.registry
+        self.requests = Counter(
+            "lorafaas_gateway_requests_total",
+            "HTTP requests by route and status",
+            ["method", "route", "status"],
+            registry=self.registry,
         )
-        self.queue_depth = Gauge("lorafaas_gateway_queue_depth", "Invocations queued or running per function, at the last admission", ["function"], registry=self.registry)
-        self.ttft = Histogram("lorafaas_gateway_ttft_seconds", "Time to first token", buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.latency = Histogram("lorafaas_gateway_invocation_seconds", "End-to-end latency of sync and streamed invocations", buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.request_seconds = Histogram(
+            "lorafaas_gateway_request_seconds",
+            "HTTP handling time by route (streams: until headers)",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge(
+            "lorafaas_gateway_queue_depth",
+            "Invocations queued or running per function, at the last admission",
+            ["function"],
+            registry=self.registry,
+        )
+        self.ttft = Histogram(
+            "lorafaas_gateway_ttft_seconds", "Time to first token", buckets=LATENCY_BUCKETS, registry=self.registry
+        )
+        self.latency = Histogram(
+            "lorafaas_gateway_invocation_seconds",
+            "End-to-end latency of sync and streamed invocations",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
 
     def render(self) -> Response:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)

@@ -58,13 +58,22 @@ async def get_model(model: str, principal: PrincipalDep, service: ServiceDep) ->
 
 def _completion_choice(result: wire.InvocationResult, chat: bool) -> dict:
     if chat:
-        return {"index": 0, "message": {"role": "assistant", "content": result.text}, "logprobs": None, "finish_reason": finish_reason(result.finish_reason)}
+        return {
+            "index": 0,
+            "message": {"role": "assistant", "content": result.text},
+            "logprobs": None,
+            "finish_reason": finish_reason(result.finish_reason),
+        }
     return {"index": 0, "text": result.text, "logprobs": None, "finish_reason": finish_reason(result.finish_reason)}
 
 
-async def _complete(body: CompletionRequest | ChatCompletionRequest, chat: bool, principal, service, request: Request, key: str | None):
+async def _complete(
+    body: CompletionRequest | ChatCompletionRequest, chat: bool, principal, service, request: Request, key: str | None
+):
     req = to_invoke(body)
-    accepted = await service.accept(principal, body.model, req, key, hashed_body={"openai": body.model_dump(mode="json"), "chat": chat})
+    accepted = await service.accept(
+        principal, body.model, req, key, hashed_body={"openai": body.model_dump(mode="json"), "chat": chat}
+    )
     timeout = request.app.state.runtime.settings.limits.sync_timeout_s
     created = int(time.time())
     if body.stream:
@@ -84,7 +93,11 @@ async def _complete(body: CompletionRequest | ChatCompletionRequest, chat: bool,
 
 
 async def _openai_events(
-    accepted: Accepted, items: AsyncIterator[wire.TokenChunk | wire.InvocationResult], chat: bool, created: int, include_usage: bool
+    accepted: Accepted,
+    items: AsyncIterator[wire.TokenChunk | wire.InvocationResult],
+    chat: bool,
+    created: int,
+    include_usage: bool,
 ) -> AsyncIterator[str]:
     base = {
         "id": f"{'chatcmpl' if chat else 'cmpl'}-{accepted.invocation_id}",
@@ -120,12 +133,24 @@ async def _openai_events(
 
 
 @router.post("/completions")
-async def completions(body: CompletionRequest, principal: PrincipalDep, service: ServiceDep, request: Request, idempotency_key: IdempotencyKey = None):
+async def completions(
+    body: CompletionRequest,
+    principal: PrincipalDep,
+    service: ServiceDep,
+    request: Request,
+    idempotency_key: IdempotencyKey = None,
+):
     """OpenAI ``/v1/completions``; ``model`` is the function name."""
     return await _complete(body, False, principal, service, request, idempotency_key)
 
 
 @router.post("/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, principal: PrincipalDep, service: ServiceDep, request: Request, idempotency_key: IdempotencyKey = None):
+async def chat_completions(
+    body: ChatCompletionRequest,
+    principal: PrincipalDep,
+    service: ServiceDep,
+    request: Request,
+    idempotency_key: IdempotencyKey = None,
+):
     """OpenAI ``/v1/chat/completions``, with messages rendered by the documented chat template."""
     return await _complete(body, True, principal, service, request, idempotency_key)

@@ -69,7 +69,9 @@ def _text(content: str | list[dict] | None) -> str:
     texts = []
     for part in content:
         if part.get("type") != "text":
-            raise InvalidInput(f"message content of type {part.get('type')!r} is not supported; send text", param="messages")
+            raise InvalidInput(
+                f"message content of type {part.get('type')!r} is not supported; send text", param="messages"
+            )
         texts.append(str(part.get("text", "")))
     return "".join(texts)
 

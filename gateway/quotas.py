@@ -45,6 +45,8 @@ class QuotaGuard(TenantInvalidated):
         self._cache[tenant_id] = (time.monotonic(), quota)
         return quota
 
-    async def check(self, session: AsyncSession | AsyncConnection, quota: quotas.TenantQuota, requested_tokens: int) -> None:
+    async def check(
+        self, session: AsyncSession | AsyncConnection, quota: quotas.TenantQuota, requested_tokens: int
+    ) -> None:
         """Raise PaymentRequired (402) or QuotaExceeded (429, Retry-After) if the tenant is over a limit."""
         await quotas.enforce(session, quota, requested_tokens, self.settings.in_flight_horizon_s)

@@ -16,7 +16,9 @@ from lorafaas.wire import InvocationMode
 
 router = APIRouter()
 
-IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", description="Same key and body within 24 h: the same invocation.")]
+IdempotencyKey = Annotated[
+    str | None, Header(alias="Idempotency-Key", description="Same key and body within 24 h: the same invocation.")
+]
 
 
 def replay_headers(accepted: Accepted) -> dict[str, str]:
@@ -41,9 +43,19 @@ async def metrics(request: Request) -> Response:
     "/v1/functions/{function}/invoke",
     response_model=InvokeResponse,
     tags=["invocations"],
-    responses={202: {"model": InvocationStatus, "description": "mode=async: accepted"}, 200: {"content": {"text/event-stream": {}}}},
+    responses={
+        202: {"model": InvocationStatus, "description": "mode=async: accepted"},
+        200: {"content": {"text/event-stream": {}}},
+    },
 )
-async def invoke(function: str, body: InvokeRequest, principal: PrincipalDep, service: ServiceDep, request: Request, idempotency_key: IdempotencyKey = None):
+async def invoke(
+    function: str,
+    body: InvokeRequest,
+    principal: PrincipalDep,
+    service: ServiceDep,
+    request: Request,
+    idempotency_key: IdempotencyKey = None,
+):
     """Invoke a function: ``sync`` waits (504 with the invocation id past the timeout), ``stream``
     answers with server-sent events, ``async`` answers 202 with the id to poll or cancel."""
     accepted = await service.accept(principal, function, body, idempotency_key)
@@ -51,7 +63,11 @@ async def invoke(function: str, body: InvokeRequest, principal: PrincipalDep, se
     timeout = request.app.state.runtime.settings.limits.sync_timeout_s
     if body.mode == InvocationMode.ASYNC:
         status = await service.invoke_async(principal, accepted)
-        return JSONResponse(status.model_dump(), status_code=202, headers={**headers, "Location": f"/v1/invocations/{accepted.invocation_id}"})
+        return JSONResponse(
+            status.model_dump(),
+            status_code=202,
+            headers={**headers, "Location": f"/v1/invocations/{accepted.invocation_id}"},
+        )
     if body.mode == InvocationMode.STREAM:
         items = await service.open_stream(accepted, timeout)
         return event_stream(native_events(accepted.invocation_id, items), headers)
@@ -65,7 +81,9 @@ async def invocation_status(invocation_id: str, principal: PrincipalDep, service
     return await service.status(principal, invocation_id)
 
 
-@router.post("/v1/invocations/{invocation_id}/cancel", response_model=InvocationStatus, status_code=202, tags=["invocations"])
+@router.post(
+    "/v1/invocations/{invocation_id}/cancel", response_model=InvocationStatus, status_code=202, tags=["invocations"]
+)
 async def cancel_invocation(invocation_id: str, principal: PrincipalDep, service: ServiceDep) -> InvocationStatus:
     """Cancel a queued or running invocation (409 once it finished); poll its status for the outcome."""
     return await service.cancel(principal, invocation_id)
@@ -75,4 +93,6 @@ async def cancel_invocation(invocation_id: str, principal: PrincipalDep, service
 async def callback_secret(principal: PrincipalDep, service: ServiceDep) -> CallbackSecret:
     """The tenant's secret for verifying callback signatures."""
     secret = await service.callback_secret(principal)
-    return CallbackSecret(secret=secret, header=SIGNATURE_HEADER, scheme="t=<unix seconds>,v1=<hex HMAC-SHA256(secret, '<t>.<raw body>')>")
+    return CallbackSecret(
+        secret=secret, header=SIGNATURE_HEADER, scheme="t=<unix seconds>,v1=<hex HMAC-SHA256(secret, '<t>.<raw body>')>"
+    )

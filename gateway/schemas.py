@@ -20,11 +20,13 @@ class InvokeRequest(BaseModel):
         description="sync: wait for the result; stream: server-sent events, token by token; async: 202 with an id to poll.",
     )
     callback_url: str | None = Field(
-        default=None, max_length=2048, description="async only: POST the signed result here when the invocation finishes."
+        default=None,
+        max_length=2048,
+        description="async only: POST the signed result here when the invocation finishes.",
     )
 
     @model_validator(mode="after")
-    def _callback_only_async(self) -> "InvokeRequest":
+    def _callback_only_async(self) -> InvokeRequest:
         if self.callback_url is not None:
             if self.mode != InvocationMode.ASYNC:
                 raise ValueError("callback_url needs mode 'async'")

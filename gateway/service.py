@@ -12,7 +12,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
@@ -32,7 +32,6 @@ from gateway.tokens import TokenCounter
 from lorafaas import wire
 from lorafaas.errors import Conflict, InvocationTimeout, LorafaasError, NotFound, ServiceUnavailable, error_for_code
 from lorafaas.settings import Settings
-
 
 SERVED_TTL_S = 2.0
 
@@ -96,7 +95,11 @@ class InvocationService:
         principal.require("invoke")
         self.dispatcher.require_connected()  # fail fast: do not record what cannot be queued
         started = time.monotonic()
-        digest = admission.request_hash(function_name, hashed_body or req.model_dump(mode="json")) if idempotency_key is not None else None
+        digest = (
+            admission.request_hash(function_name, hashed_body or req.model_dump(mode="json"))
+            if idempotency_key is not None
+            else None
+        )
         try:
             return await self._accept(principal, function_name, req, idempotency_key, digest, started)
         except IntegrityError:
@@ -104,7 +107,13 @@ class InvocationService:
             return await self._accept(principal, function_name, req, idempotency_key, digest, started)
 
     async def _accept(
-        self, principal: Principal, function_name: str, req: InvokeRequest, key: str | None, digest: str | None, started: float
+        self,
+        principal: Principal,
+        function_name: str,
+        req: InvokeRequest,
+        key: str | None,
+        digest: str | None,
+        started: float,
     ) -> Accepted:
         served = await self._served_function(principal.tenant_id, function_name)
         quota = await self._quota(principal.tenant_id)
@@ -114,7 +123,9 @@ class InvocationService:
                 return await self._record(connection, principal, served, quota, req, started)
         async with self.sessions.begin() as session:
             if key is not None:
-                replay = await admission.idempotent_replay(session, principal.tenant_id, key, digest, self.settings.limits.idempotency_ttl_s)
+                replay = await admission.idempotent_replay(
+                    session, principal.tenant_id, key, digest, self.settings.limits.idempotency_ttl_s
+                )
                 if replay is not None:
                     return Accepted(replay.id, function_name, None, started)
             if req.callback_url:
@@ -137,12 +148,24 @@ class InvocationService:
         admission.check_limits(served, self.settings.limits, req.prompt, req.max_tokens, prompt_tokens)
         if quota is not None:  # 402 past the spend cap, 429 past tokens/minute or concurrency
             await self.quotas.check(session, quota, (prompt_tokens or 0) + req.max_tokens)
-        sampling = wire.SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=req.stop)
+        sampling = wire.SamplingParams(
+            max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=req.stop
+        )
         limit = admission.queue_limit(served, self.settings.nats)
         admitted = await invocations.accept(
-            session, served, req.prompt, sampling, req.mode, idempotency_key=key, request_hash=digest, callback_url=req.callback_url, queue_limit=limit
+            session,
+            served,
+            req.prompt,
+            sampling,
+            req.mode,
+            idempotency_key=key,
+            request_hash=digest,
+            callback_url=req.callback_url,
+            queue_limit=limit,
         )
-        self.metrics.queue_depth.labels(function=served.function.name).set(admitted.queue_depth + (admitted.id is not None))
+        self.metrics.queue_depth.labels(function=served.function.name).set(
+            admitted.queue_depth + (admitted.id is not None)
+        )
         admission.check_queue(served, admitted.queue_depth, limit)
         invocation = wire.Invocation(
             invocation_id=admitted.id,
@@ -171,7 +194,9 @@ class InvocationService:
         return None
 
     async def _fail_unpublished(self, invocation_id: str, error: LorafaasError) -> None:
-        failed = wire.InvocationResult(invocation_id=invocation_id, status=wire.ResultStatus.FAILED, error=error.message)
+        failed = wire.InvocationResult(
+            invocation_id=invocation_id, status=wire.ResultStatus.FAILED, error=error.message
+        )
         with contextlib.suppress(LorafaasError):
             async with self.sessions.begin() as session:
                 await invocations.apply_result(session, failed)
@@ -189,7 +214,9 @@ class InvocationService:
         await self._start(accepted)
         return await self.status(principal, accepted.invocation_id)
 
-    async def open_stream(self, accepted: Accepted, timeout_s: float) -> AsyncIterator[wire.TokenChunk | wire.InvocationResult]:
+    async def open_stream(
+        self, accepted: Accepted, timeout_s: float
+    ) -> AsyncIterator[wire.TokenChunk | wire.InvocationResult]:
         """Publish, then yield tokens as they come and the result last.
 
         Subscribing and publishing happen here, before the response starts, so a 503 is still
@@ -205,7 +232,12 @@ class InvocationService:
         return self._stream(stack, watch, accepted, recorded, timeout_s)
 
     async def _stream(
-        self, stack: contextlib.AsyncExitStack, watch: Watch, accepted: Accepted, recorded: wire.InvocationResult | None, timeout_s: float
+        self,
+        stack: contextlib.AsyncExitStack,
+        watch: Watch,
+        accepted: Accepted,
+        recorded: wire.InvocationResult | None,
+        timeout_s: float,
     ) -> AsyncIterator[wire.TokenChunk | wire.InvocationResult]:
         async with stack:
             if recorded is not None:  # an idempotent replay of a finished invocation
@@ -216,9 +248,14 @@ class InvocationService:
             deadline = asyncio.get_running_loop().time() + timeout_s
             while True:
                 try:
-                    item = await asyncio.wait_for(watch.queue.get(), max(0.0, deadline - asyncio.get_running_loop().time()))
-                except asyncio.TimeoutError as e:
-                    raise InvocationTimeout(f"no result within {timeout_s:g}s; poll GET /v1/invocations/{accepted.invocation_id}", invocation_id=accepted.invocation_id) from e
+                    item = await asyncio.wait_for(
+                        watch.queue.get(), max(0.0, deadline - asyncio.get_running_loop().time())
+                    )
+                except TimeoutError as e:
+                    raise InvocationTimeout(
+                        f"no result within {timeout_s:g}s; poll GET /v1/invocations/{accepted.invocation_id}",
+                        invocation_id=accepted.invocation_id,
+                    ) from e
                 if isinstance(item, wire.TokenChunk):
                     if not streamed:
                         self.metrics.ttft.observe(time.monotonic() - accepted.started)
@@ -228,7 +265,9 @@ class InvocationService:
                 # Tokens and the result travel on separate subscriptions: send what the tokens missed.
                 sent = "".join(streamed)
                 if item.text.startswith(sent) and len(item.text) > len(sent):
-                    yield wire.TokenChunk(invocation_id=item.invocation_id, index=len(streamed), text=item.text[len(sent):])
+                    yield wire.TokenChunk(
+                        invocation_id=item.invocation_id, index=len(streamed), text=item.text[len(sent) :]
+                    )
                 self._observe(accepted, item, ttft=False)
                 yield item
                 return
@@ -245,8 +284,11 @@ class InvocationService:
         async with self.sessions() as session:
             row = await invocations.get_for_tenant(session, principal.tenant_id, invocation_id)
         ttl = self.settings.limits.result_ttl_s
-        if row.finished_at is not None and row.finished_at < datetime.now(timezone.utc) - timedelta(seconds=ttl):
-            raise NotFound(f"the result of invocation {invocation_id} expired; results are kept for {ttl:g}s", invocation_id=invocation_id)
+        if row.finished_at is not None and row.finished_at < datetime.now(UTC) - timedelta(seconds=ttl):
+            raise NotFound(
+                f"the result of invocation {invocation_id} expired; results are kept for {ttl:g}s",
+                invocation_id=invocation_id,
+            )
         return status_of(row)
 
     async def cancel(self, principal: Principal, invocation_id: str) -> InvocationStatus:
@@ -262,13 +304,15 @@ class InvocationService:
             row = await invocations.get_for_tenant(session, principal.tenant_id, invocation_id)
             if InvocationState(row.state).terminal:
                 raise Conflict(f"invocation {invocation_id} already {row.state}; nothing to cancel", state=row.state)
-            row.cancel_requested_at = row.cancel_requested_at or datetime.now(timezone.utc)
+            row.cancel_requested_at = row.cancel_requested_at or datetime.now(UTC)
             queued = row.state == InvocationState.QUEUED
         await self.dispatcher.publish_cancel(invocation_id)
         # Postgres may still say queued while a worker already runs it: then the worker settles it.
         if queued and not await self.dispatcher.was_started(invocation_id):
             await self.dispatcher.publish_result(
-                wire.InvocationResult(invocation_id=invocation_id, status=wire.ResultStatus.CANCELLED, finish_reason="cancelled")
+                wire.InvocationResult(
+                    invocation_id=invocation_id, status=wire.ResultStatus.CANCELLED, finish_reason="cancelled"
+                )
             )
         return status_of(row)
 
@@ -283,7 +327,9 @@ class InvocationService:
 
 def raise_for_failure(result: wire.InvocationResult) -> None:
     if result.status == wire.ResultStatus.FAILED:
-        raise error_for_code(result.error_code, result.error or "the invocation failed", invocation_id=result.invocation_id)
+        raise error_for_code(
+            result.error_code, result.error or "the invocation failed", invocation_id=result.invocation_id
+        )
 
 
 def response_of(accepted: Accepted, result: wire.InvocationResult) -> InvokeResponse:
@@ -299,7 +345,9 @@ def response_of(accepted: Accepted, result: wire.InvocationResult) -> InvokeResp
 
 
 def usage_of(prompt_tokens: int, completion_tokens: int) -> Usage:
-    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens)
+    return Usage(
+        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
+    )
 
 
 def result_of(row: Invocation) -> wire.InvocationResult:
@@ -327,7 +375,9 @@ def status_of(row: Invocation) -> InvocationStatus:
     usage = usage_of(row.prompt_tokens, row.completion_tokens or 0) if row.prompt_tokens is not None else None
     callback = None
     if row.callback_url:
-        callback = CallbackStatus(url=row.callback_url, state=row.callback_state or callbacks.PENDING, attempts=row.callback_attempts or [])
+        callback = CallbackStatus(
+            url=row.callback_url, state=row.callback_state or callbacks.PENDING, attempts=row.callback_attempts or []
+        )
     return InvocationStatus(
         id=row.id,
         function_id=row.function_id,

@@ -37,7 +37,14 @@ def sse(data: dict | str, event: str | None = None) -> str:
 
 def error_event(exc: Exception, event: str | None = "error") -> str:
     if isinstance(exc, LorafaasError):
-        return sse(error_body(exc.message, exc.code, **{k: v for k, v in exc.details.items() if isinstance(v, (str, int, float, bool))}), event)
+        return sse(
+            error_body(
+                exc.message,
+                exc.code,
+                **{k: v for k, v in exc.details.items() if isinstance(v, (str, int, float, bool))},
+            ),
+            event,
+        )
     log.exception("stream failed", exc_info=exc)
     return sse(error_body("internal error", "server_error"), event)
 
@@ -51,7 +58,9 @@ async def guarded(events: AsyncIterator[str], on_error: Callable[[Exception], st
         yield on_error(e)
 
 
-async def native_events(invocation_id: str, items: AsyncIterator[wire.TokenChunk | wire.InvocationResult]) -> AsyncIterator[str]:
+async def native_events(
+    invocation_id: str, items: AsyncIterator[wire.TokenChunk | wire.InvocationResult]
+) -> AsyncIterator[str]:
     async for item in items:
         if isinstance(item, wire.TokenChunk):
             if item.text:
@@ -59,8 +68,19 @@ async def native_events(invocation_id: str, items: AsyncIterator[wire.TokenChunk
             continue
         raise_for_failure(item)
         usage = usage_of(item.prompt_tokens, item.completion_tokens).model_dump()
-        yield sse({"id": invocation_id, "state": item.status.value, "finish_reason": item.finish_reason, "text": item.text, "usage": usage}, "done")
+        yield sse(
+            {
+                "id": invocation_id,
+                "state": item.status.value,
+                "finish_reason": item.finish_reason,
+                "text": item.text,
+                "usage": usage,
+            },
+            "done",
+        )
 
 
 def event_stream(events: AsyncIterator[str], headers: dict[str, str] | None = None) -> StreamingResponse:
-    return StreamingResponse(guarded(events), media_type="text/event-stream", headers={**SSE_HEADERS, **(headers or {})})
+    return StreamingResponse(
+        guarded(events), media_type="text/event-stream", headers={**SSE_HEADERS, **(headers or {})}
+    )

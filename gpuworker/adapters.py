@@ -88,7 +88,10 @@ class AdapterManager:
         return Tier.S3
 
     def residency(self) -> list[AdapterResidency]:
-        return [AdapterResidency(function_id=r.function_id, rank=r.rank, tier=self.tier_of(r).value) for r in self.refs.values()]
+        return [
+            AdapterResidency(function_id=r.function_id, rank=r.rank, tier=self.tier_of(r).value)
+            for r in self.refs.values()
+        ]
 
     def host_bytes(self) -> int:
         return sum(w.nbytes for w in self.host.values())

@@ -51,12 +51,18 @@ async def build_service(settings: Settings) -> tuple[WorkerService, EngineRunner
     model, tokenizer = await asyncio.to_thread(load_backbone, folder, device, getattr(torch, ws.dtype))
     engine = LoraEngine(model, tokenizer, device=device, max_batch=ws.max_batch, pool_pages=ws.pool_pages or None)
     runner = EngineRunner(engine)
-    adapters = AdapterManager(store, ws.cache_dir, runner, model.config, ws.host_cache_bytes, pin_memory=device.startswith("cuda"))
-    nc = await nats.connect(settings.nats.url, name=f"lorafaas-worker-{ws.worker_id}", max_reconnect_attempts=-1, reconnect_time_wait=0.5)
+    adapters = AdapterManager(
+        store, ws.cache_dir, runner, model.config, ws.host_cache_bytes, pin_memory=device.startswith("cuda")
+    )
+    nc = await nats.connect(
+        settings.nats.url, name=f"lorafaas-worker-{ws.worker_id}", max_reconnect_attempts=-1, reconnect_time_wait=0.5
+    )
     js = nc.jetstream()
     names = Names(settings.nats.prefix)
     await ensure_streams(js, names)
-    service = WorkerService(nc, js, names, settings.nats, ws, runner, adapters, tokenizer, model.config.max_position_embeddings, device)
+    service = WorkerService(
+        nc, js, names, settings.nats, ws, runner, adapters, tokenizer, model.config.max_position_embeddings, device
+    )
     return service, runner, nc
 
 

@@ -53,7 +53,6 @@ SHAPES: dict[str, BackboneShape] = {
 }
 
 
-
 def build_tokenizer(vocab_size: int):
     """A byte-level BPE tokenizer trained on a fixed corpus: deterministic and offline."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -75,7 +74,9 @@ def build_tokenizer(vocab_size: int):
     )
 
 
-def build_backbone(out_dir: Path, shape: str | BackboneShape = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
+def build_backbone(
+    out_dir: Path, shape: str | BackboneShape = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32
+) -> Path:
     """Write a random-weight Llama backbone and its tokenizer as a Hugging Face folder."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -132,7 +133,9 @@ def make_adapter(
     from peft import LoraConfig, get_peft_model
 
     model, _ = load_backbone(backbone_dir)
-    config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(target_modules), lora_dropout=0.0, bias="none")
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha or rank, target_modules=list(target_modules), lora_dropout=0.0, bias="none"
+    )
     peft_model = get_peft_model(model, config)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -65,7 +65,9 @@ class EngineRunner:
             await asyncio.gather(self._task, return_exceptions=True)
         self._executor.shutdown(wait=True)
 
-    async def submit(self, request: EngineRequest, prepare: Callable[[], None] | None = None) -> asyncio.Queue[StepOutput]:
+    async def submit(
+        self, request: EngineRequest, prepare: Callable[[], None] | None = None
+    ) -> asyncio.Queue[StepOutput]:
         """Queue a request; its outputs arrive on the returned queue, the last one ``finished``.
 
         ``prepare`` (loading the request's adapter) runs in the same engine-thread call, just

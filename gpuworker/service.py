@@ -15,7 +15,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -71,16 +71,24 @@ class WorkerService:
         device: str,
     ) -> None:
         self.nc, self.js, self.names, self.nats_settings, self.settings = nc, js, names, nats_settings, settings
-        self.runner, self.adapters, self.tokenizer, self.max_context, self.device = runner, adapters, tokenizer, max_context, device
+        self.runner, self.adapters, self.tokenizer, self.max_context, self.device = (
+            runner,
+            adapters,
+            tokenizer,
+            max_context,
+            device,
+        )
         self.inflight: dict[str, Running] = {}
         self.draining = asyncio.Event()
-        self.started_at = datetime.now(timezone.utc)
+        self.started_at = datetime.now(UTC)
         self._tasks: set[asyncio.Task] = set()
 
     # --- lifecycle -------------------------------------------------------------------
     async def run(self) -> None:
         """Serve until drained: pull loop, command listener, reports and heartbeats."""
-        commands = await self.nc.subscribe(self.names.worker_command_subject(self.settings.worker_id), cb=self._on_command)
+        commands = await self.nc.subscribe(
+            self.names.worker_command_subject(self.settings.worker_id), cb=self._on_command
+        )
         cancels = await self.nc.subscribe(self.names.cancel_wildcard, cb=self._on_cancel)
         background = [
             asyncio.create_task(self._report_loop(), name="reports"),
@@ -110,7 +118,7 @@ class WorkerService:
                     continue
                 try:
                     msgs = await sub.fetch(batch=room, timeout=0.25)
-                except (NatsTimeout, asyncio.TimeoutError):  # nats-py raises either
+                except (TimeoutError, NatsTimeout):  # nats-py raises either
                     continue
                 for msg in msgs:
                     self._spawn(self.handle(msg))
@@ -134,7 +142,7 @@ class WorkerService:
         if invocation.invocation_id in self.inflight:  # redelivered while still running here
             await msg.in_progress()
             return
-        running = Running(invocation, msg, started_at=datetime.now(timezone.utc))
+        running = Running(invocation, msg, started_at=datetime.now(UTC))
         self.inflight[invocation.invocation_id] = running
         if await self._cancel_requested(invocation.invocation_id):
             await self._skip_cancelled(running)
@@ -152,7 +160,11 @@ class WorkerService:
 
     async def _execute(self, running: Running) -> None:
         inv = running.invocation
-        await self._publish(self.names.started_subject(inv.invocation_id), wire.Started(invocation_id=inv.invocation_id, worker_id=self.settings.worker_id), f"started-{inv.invocation_id}")
+        await self._publish(
+            self.names.started_subject(inv.invocation_id),
+            wire.Started(invocation_id=inv.invocation_id, worker_id=self.settings.worker_id),
+            f"started-{inv.invocation_id}",
+        )
         prompt_ids = self._tokenize(inv)
         request = EngineRequest(
             request_id=inv.invocation_id,
@@ -211,7 +223,7 @@ class WorkerService:
             return
         running.generated += 1
         if running.first_token_at is None:
-            running.first_token_at = datetime.now(timezone.utc)
+            running.first_token_at = datetime.now(UTC)
             running.prefill_s = out.prefill_s
         if out.text:
             running.text.append(out.text)
@@ -232,7 +244,7 @@ class WorkerService:
 
     async def _settle_succeeded(self, running: Running, last: StepOutput) -> None:
         inv = running.invocation
-        finished = datetime.now(timezone.utc)
+        finished = datetime.now(UTC)
         completion_tokens = running.generated
         status = wire.ResultStatus.CANCELLED if last.finish_reason == "abort" else wire.ResultStatus.SUCCEEDED
         result = wire.InvocationResult(
@@ -263,7 +275,7 @@ class WorkerService:
     async def _settle_failed(self, running: Running, error: LorafaasError) -> None:
         inv = running.invocation
         log.warning("invocation %s failed permanently: %s", inv.invocation_id, error.message)
-        finished = datetime.now(timezone.utc)
+        finished = datetime.now(UTC)
         result = wire.InvocationResult(
             invocation_id=inv.invocation_id,
             status=wire.ResultStatus.FAILED,
@@ -281,13 +293,21 @@ class WorkerService:
         if delivered >= self.nats_settings.max_deliver:
             log.error("invocation %s failed on its last delivery: %r", running.invocation.invocation_id, error)
             inv = running.invocation
-            await self.js.publish(self.names.dead_letter_subject(inv.backbone), running.msg.data, headers={MSG_ID_HEADER: f"dead-{inv.invocation_id}"})
+            await self.js.publish(
+                self.names.dead_letter_subject(inv.backbone),
+                running.msg.data,
+                headers={MSG_ID_HEADER: f"dead-{inv.invocation_id}"},
+            )
             await self._settle_failed(running, LorafaasError(f"worker error after {delivered} attempts: {error}"))
             return
-        log.warning("invocation %s hit %r; redelivering (attempt %d)", running.invocation.invocation_id, error, delivered)
+        log.warning(
+            "invocation %s hit %r; redelivering (attempt %d)", running.invocation.invocation_id, error, delivered
+        )
         await running.msg.nak(delay=min(5.0, 0.5 * 2**delivered))
 
-    async def _publish_outcome(self, running: Running, result: wire.InvocationResult, usage: wire.UsageEvent | None) -> None:
+    async def _publish_outcome(
+        self, running: Running, result: wire.InvocationResult, usage: wire.UsageEvent | None
+    ) -> None:
         inv_id = running.invocation.invocation_id
         await self._publish(self.names.result_subject(inv_id), result, f"result-{inv_id}")
         if usage is not None:
@@ -324,7 +344,10 @@ class WorkerService:
         inv_id = running.invocation.invocation_id
         try:
             result = wire.InvocationResult(
-                invocation_id=inv_id, status=wire.ResultStatus.CANCELLED, finish_reason="cancelled", worker_id=self.settings.worker_id
+                invocation_id=inv_id,
+                status=wire.ResultStatus.CANCELLED,
+                finish_reason="cancelled",
+                worker_id=self.settings.worker_id,
             )
             await self._publish_outcome(running, result, None)  # same msg id as the gateway's: deduplicated
             await running.msg.ack_sync()
@@ -413,8 +436,16 @@ class WorkerService:
                 await self.adapters.offload_coldest(count=1)
 
     async def _heartbeat_loop(self) -> None:
-        beat = wire.WorkerHeartbeat(worker_id=self.settings.worker_id, backbone=self.settings.backbone, device=self.device, started_at=self.started_at)
+        beat = wire.WorkerHeartbeat(
+            worker_id=self.settings.worker_id,
+            backbone=self.settings.backbone,
+            device=self.device,
+            started_at=self.started_at,
+        )
         while True:
             with contextlib.suppress(Exception):
-                await self.nc.publish(self.names.heartbeat_subject, beat.model_copy(update={"sent_at": datetime.now(timezone.utc)}).encode())
+                await self.nc.publish(
+                    self.names.heartbeat_subject,
+                    beat.model_copy(update={"sent_at": datetime.now(UTC)}).encode(),
+                )
             await asyncio.sleep(self.settings.heartbeat_interval_s)

@@ -72,13 +72,17 @@ class ArtifactStore:
 
     def __init__(self, s3: S3Settings) -> None:
         self.bucket = s3.bucket
-        self.client = Minio(s3.endpoint, access_key=s3.access_key, secret_key=s3.secret_key, secure=s3.secure, region=s3.region)
+        self.client = Minio(
+            s3.endpoint, access_key=s3.access_key, secret_key=s3.secret_key, secure=s3.secure, region=s3.region
+        )
 
     def ensure_bucket(self) -> None:
         if not self.client.bucket_exists(self.bucket):
             self.client.make_bucket(self.bucket)
 
-    def upload_files(self, files: list[Path], prefix: str | None = None, tenant_id: str | None = None, progress: object | None = None) -> StoredArtifact:
+    def upload_files(
+        self, files: list[Path], prefix: str | None = None, tenant_id: str | None = None, progress: object | None = None
+    ) -> StoredArtifact:
         """Store files under ``prefix`` (or the tenant's content-addressed adapter prefix).
 
         ``progress`` is a minio progress object (``set_meta(object_name, total_length)`` and
@@ -133,7 +137,9 @@ class ArtifactStore:
                 target = staging / name
                 self.client.fget_object(bucket, f"{prefix}/{name}", str(target))
                 if file_sha256(target) != sha:
-                    raise ArtifactIntegrityError(f"{name} of s3://{bucket}/{prefix} does not match its sha256", file=name)
+                    raise ArtifactIntegrityError(
+                        f"{name} of s3://{bucket}/{prefix} does not match its sha256", file=name
+                    )
             if dest.exists():
                 shutil.rmtree(dest)
             staging.rename(dest)
@@ -150,5 +156,5 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     """``s3://bucket/some/prefix`` -> (bucket, prefix)."""
     if not uri.startswith("s3://"):
         raise ValueError(f"not an s3:// URI: {uri}")
-    bucket, _, prefix = uri[len("s3://"):].partition("/")
+    bucket, _, prefix = uri[len("s3://") :].partition("/")
     return bucket, prefix.rstrip("/")

@@ -49,7 +49,9 @@ class ArtifactIntegrityError(LorafaasError):
 class QuotaExceeded(LorafaasError):
     code = "rate_limit_exceeded"
 
-    def __init__(self, message: str, retry_after_s: float = 1.0, headers: dict[str, str] | None = None, **details: object) -> None:
+    def __init__(
+        self, message: str, retry_after_s: float = 1.0, headers: dict[str, str] | None = None, **details: object
+    ) -> None:
         super().__init__(message, **details)
         self.retry_after_s = retry_after_s
         # Extra response headers, e.g. x-ratelimit-limit-requests / x-ratelimit-remaining-requests.

@@ -64,11 +64,17 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
     errs = exc.errors()
     param = ".".join(str(p) for p in errs[0].get("loc", ()) if p != "body") if errs else None
     message = "; ".join(_describe(e) for e in errs) or "invalid request"
-    return JSONResponse(error_body(message, "invalid_request_error", "invalid_request", param=param or None), status_code=400)
+    return JSONResponse(
+        error_body(message, "invalid_request_error", "invalid_request", param=param or None), status_code=400
+    )
 
 
 async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return JSONResponse(error_body(str(exc.detail), "http_error", str(exc.status_code)), status_code=exc.status_code, headers=exc.headers)
+    return JSONResponse(
+        error_body(str(exc.detail), "http_error", str(exc.status_code)),
+        status_code=exc.status_code,
+        headers=exc.headers,
+    )
 
 
 async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

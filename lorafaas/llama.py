@@ -8,7 +8,9 @@ MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 LLAMA_MODULES = ATTN_MODULES + MLP_MODULES
 
 
-def llama_module_dims(hidden: int, heads: int, kv_heads: int, intermediate: int, head_dim: int | None = None) -> dict[str, tuple[int, int]]:
+def llama_module_dims(
+    hidden: int, heads: int, kv_heads: int, intermediate: int, head_dim: int | None = None
+) -> dict[str, tuple[int, int]]:
     """(in_features, out_features) of each LoRA-targetable linear layer of a Llama block."""
     head_dim = head_dim or hidden // heads
     q_out, kv_out = heads * head_dim, kv_heads * head_dim

@@ -112,7 +112,7 @@ class Settings(BaseSettings):
     controlplane: ControlPlaneSettings = Field(default_factory=ControlPlaneSettings)
 
     @model_validator(mode="after")
-    def _refuse_default_secrets(self) -> "Settings":
+    def _refuse_default_secrets(self) -> Settings:
         if self.environment != "development":
             if self.admin_token == DEV_ADMIN_TOKEN:
                 raise ValueError("LORAFAAS_ADMIN_TOKEN must be set outside development")

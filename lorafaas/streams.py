@@ -79,10 +79,14 @@ def worker_consumer_config(names: Names, backbone: str, nats: NatsSettings) -> C
     )
 
 
-async def pull_invocations(js: JetStreamContext, names: Names, backbone: str, nats: NatsSettings) -> JetStreamContext.PullSubscription:
+async def pull_invocations(
+    js: JetStreamContext, names: Names, backbone: str, nats: NatsSettings
+) -> JetStreamContext.PullSubscription:
     """The pull subscription every worker of ``backbone`` shares (one durable consumer)."""
     config = worker_consumer_config(names, backbone, nats)
-    return await js.pull_subscribe(config.filter_subject, durable=config.durable_name, stream=names.invocations_stream, config=config)
+    return await js.pull_subscribe(
+        config.filter_subject, durable=config.durable_name, stream=names.invocations_stream, config=config
+    )
 
 
 def controlplane_consumer_config(names: Names, nats: NatsSettings) -> ConsumerConfig:

@@ -8,7 +8,7 @@ plane consumes results and usage. The gateway publishes ``CancelRequest`` to sto
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Literal, TypeVar
 
@@ -20,7 +20,7 @@ M = TypeVar("M", bound="WireMessage")
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class WireMessage(BaseModel):

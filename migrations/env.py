@@ -15,7 +15,9 @@ target_metadata = Base.metadata
 
 
 def _url() -> str:
-    return config.attributes.get("url") or context.get_x_argument(as_dictionary=True).get("url") or Settings().database.url
+    return (
+        config.attributes.get("url") or context.get_x_argument(as_dictionary=True).get("url") or Settings().database.url
+    )
 
 
 def run_migrations_offline() -> None:

@@ -16,9 +16,9 @@ import nats
 import pytest
 import pytest_asyncio
 
-from lorafaas.devstack import DevStack, free_port, start_s3, stop_process
+from launcher.devstack import DevStack, free_port, start_s3, stop_process
+from launcher.platform import prepare
 from lorafaas.names import Names
-from lorafaas.platform import prepare
 from lorafaas.settings import DatabaseSettings, LimitSettings, NatsSettings, S3Settings, Settings, WorkerSettings
 from lorafaas.streams import delete_streams
 
@@ -97,11 +97,16 @@ def adapter_dirs(session_tmp: Path, backbone_dir: Path) -> dict[str, Path]:
     from gpuworker.models import make_adapter
 
     specs = {"a8": (8, 1), "b16": (16, 2), "c32": (32, 3)}
-    return {name: make_adapter(backbone_dir, session_tmp / f"adapter-{name}", rank, seed, scale=2.0) for name, (rank, seed) in specs.items()}
+    return {
+        name: make_adapter(backbone_dir, session_tmp / f"adapter-{name}", rank, seed, scale=2.0)
+        for name, (rank, seed) in specs.items()
+    }
 
 
 @pytest.fixture(scope="session")
-def platform(settings: Settings, backbone_dir: Path, adapter_dirs: dict[str, Path], session_tmp: Path) -> Iterator["Platform"]:
+def platform(
+    settings: Settings, backbone_dir: Path, adapter_dirs: dict[str, Path], session_tmp: Path
+) -> Iterator[Platform]:
     """One running platform for every end-to-end test of the session."""
     from tests.support.platform import run_platform
 

@@ -18,7 +18,7 @@ import pytest
 from minio import Minio
 from rich.console import Console
 
-from lorafaas.devstack import (
+from launcher.devstack import (
     DevStack,
     ServiceUnavailable,
     database_address,
@@ -157,7 +157,7 @@ def test_failed_up_stops_what_it_had_started(tmp_path: Path) -> None:
 RUN_SERVICES = """
 import sys
 from pathlib import Path
-from lorafaas.devstack import run_services
+from launcher.devstack import run_services
 from lorafaas.settings import Settings
 settings = Settings(
     nats={"url": "nats://127.0.0.1:%d"},

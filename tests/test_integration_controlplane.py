@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
@@ -15,11 +15,11 @@ from controlplane.db.models import Invocation, InvocationState, Tenant, TenantSt
 from controlplane.db.session import make_engine, make_sessionmaker
 from controlplane.events import EventConsumer
 from controlplane.services import catalog, invocations, keys, ledger
+from launcher.platform import admin, publish_backbone
 from lorafaas import wire
 from lorafaas.artifacts import ArtifactStore
 from lorafaas.errors import ArtifactIntegrityError, InvalidArtifact, NotFound, Unauthenticated
 from lorafaas.names import MSG_ID_HEADER, Names
-from lorafaas.platform import admin, publish_backbone
 from lorafaas.settings import Settings
 from lorafaas.streams import ensure_streams
 
@@ -33,7 +33,16 @@ async def test_alembic_made_every_table(settings: Settings) -> None:
         head = await conn.fetchval("SELECT version_num FROM alembic_version")
     finally:
         await conn.close()
-    assert {"tenants", "api_keys", "backbones", "functions", "adapter_artifacts", "invocations", "usage_records", "workers"} <= tables
+    assert {
+        "tenants",
+        "api_keys",
+        "backbones",
+        "functions",
+        "adapter_artifacts",
+        "invocations",
+        "usage_records",
+        "workers",
+    } <= tables
     # Later issues add revisions on top: the database must sit at whatever head the scripts have.
     from alembic.script import ScriptDirectory
 
@@ -46,7 +55,9 @@ async def test_key_lifecycle(settings: Settings) -> None:
     async with admin(settings) as a:
         tenant = await keys.create_tenant(a.session, "keys-tenant")
         key, secret = await keys.create_api_key(a.session, tenant.id)
-        _, expired = await keys.create_api_key(a.session, tenant.id, expires_at=datetime.now(timezone.utc) - timedelta(seconds=1))
+        _, expired = await keys.create_api_key(
+            a.session, tenant.id, expires_at=datetime.now(UTC) - timedelta(seconds=1)
+        )
     assert secret.startswith("lf_") and key.prefix == secret[:10]
     async with admin(settings) as a:
         stored = await a.session.scalar(select(func.count()).where(keys.ApiKey.secret_hash == keys.hash_secret(secret)))
@@ -68,13 +79,17 @@ async def test_key_lifecycle(settings: Settings) -> None:
             await keys.authenticate(a.session, fresh)
 
 
-async def test_artifact_round_trip_and_integrity(settings: Settings, adapter_dirs: dict[str, Path], tmp_path: Path) -> None:
+async def test_artifact_round_trip_and_integrity(
+    settings: Settings, adapter_dirs: dict[str, Path], tmp_path: Path
+) -> None:
     store = ArtifactStore(settings.s3)
     stored = await asyncio.to_thread(store.upload_adapter, adapter_dirs["a8"], "tenant-x")
     assert stored.prefix == f"tenants/tenant-x/adapters/{stored.sha256}"
     assert set(stored.files) == {"adapter_config.json", "adapter_model.safetensors", "README.md"}
     dest = await asyncio.to_thread(store.download, stored.prefix, tmp_path / "copy", stored.sha256)
-    assert (dest / "adapter_model.safetensors").read_bytes() == (adapter_dirs["a8"] / "adapter_model.safetensors").read_bytes()
+    assert (dest / "adapter_model.safetensors").read_bytes() == (
+        adapter_dirs["a8"] / "adapter_model.safetensors"
+    ).read_bytes()
     with pytest.raises(ArtifactIntegrityError):
         await asyncio.to_thread(store.download, stored.prefix, tmp_path / "wrong", "f" * 64)
     # Corrupt one object in S3: the download notices and leaves nothing behind.
@@ -88,15 +103,21 @@ async def test_artifact_round_trip_and_integrity(settings: Settings, adapter_dir
         await asyncio.to_thread(store.download, "tenants/nobody/adapters/none", tmp_path / "none")
 
 
-async def _tenant_with_function(settings: Settings, backbone_dir: Path, adapter: Path, name: str, price_in: int, price_out: int):
+async def _tenant_with_function(
+    settings: Settings, backbone_dir: Path, adapter: Path, name: str, price_in: int, price_out: int
+):
     await publish_backbone(settings, "tiny", backbone_dir)
     async with admin(settings) as a:
         tenant = await keys.create_tenant(a.session, name)
-        served = await catalog.register_function(a.session, a.store, settings.limits, tenant.id, "fn", "tiny", adapter, price_in, price_out)
+        served = await catalog.register_function(
+            a.session, a.store, settings.limits, tenant.id, "fn", "tiny", adapter, price_in, price_out
+        )
     return tenant.id, served
 
 
-async def test_register_function_refuses_bad_folder_and_leaves_nothing(settings: Settings, backbone_dir: Path, adapter_dirs: dict[str, Path], tmp_path: Path) -> None:
+async def test_register_function_refuses_bad_folder_and_leaves_nothing(
+    settings: Settings, backbone_dir: Path, adapter_dirs: dict[str, Path], tmp_path: Path
+) -> None:
     await publish_backbone(settings, "tiny", backbone_dir)
     broken = tmp_path / "broken"
     shutil.copytree(adapter_dirs["a8"], broken)
@@ -112,14 +133,22 @@ async def test_register_function_refuses_bad_folder_and_leaves_nothing(settings:
 
 async def _accepted(settings: Settings, tenant_id: str, served) -> str:
     async with admin(settings) as a:
-        row = await invocations.accept(a.session, served, "hi", wire.SamplingParams(max_tokens=4), wire.InvocationMode.SYNC)
+        row = await invocations.accept(
+            a.session, served, "hi", wire.SamplingParams(max_tokens=4), wire.InvocationMode.SYNC
+        )
         return row.id
 
 
-async def test_thousand_copies_of_a_usage_event_make_one_record(settings: Settings, backbone_dir: Path, adapter_dirs: dict[str, Path]) -> None:
-    tenant_id, served = await _tenant_with_function(settings, backbone_dir, adapter_dirs["a8"], "ledger-tenant", 150_000, 600_000)
+async def test_thousand_copies_of_a_usage_event_make_one_record(
+    settings: Settings, backbone_dir: Path, adapter_dirs: dict[str, Path]
+) -> None:
+    tenant_id, served = await _tenant_with_function(
+        settings, backbone_dir, adapter_dirs["a8"], "ledger-tenant", 150_000, 600_000
+    )
     inv_id = await _accepted(settings, tenant_id, served)
-    event = wire.UsageEvent(invocation_id=inv_id, tenant_id=tenant_id, function_id=served.function.id, input_tokens=11, output_tokens=7)
+    event = wire.UsageEvent(
+        invocation_id=inv_id, tenant_id=tenant_id, function_id=served.function.id, input_tokens=11, output_tokens=7
+    )
     engine = make_engine(settings.database)
     sessions = make_sessionmaker(engine)
 
@@ -132,15 +161,19 @@ async def test_thousand_copies_of_a_usage_event_make_one_record(settings: Settin
     assert sum(written) == 1
     async with admin(settings) as a:
         records = (await a.session.scalars(select(UsageRecord).where(UsageRecord.invocation_id == inv_id))).all()
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         bill = await ledger.monthly_bill(a.session, tenant_id, now.year, now.month)
         totals = await ledger.usage_totals(a.session, tenant_id)
     assert len(records) == 1 and records[0].amount_picousd == 11 * 150_000 + 7 * 600_000
     assert bill.total_picousd == totals.amount_picousd == sum(r.amount_picousd for r in records)
 
 
-async def test_price_change_affects_only_later_invocations(settings: Settings, backbone_dir: Path, adapter_dirs: dict[str, Path]) -> None:
-    tenant_id, served = await _tenant_with_function(settings, backbone_dir, adapter_dirs["b16"], "price-tenant", 1_000, 2_000)
+async def test_price_change_affects_only_later_invocations(
+    settings: Settings, backbone_dir: Path, adapter_dirs: dict[str, Path]
+) -> None:
+    tenant_id, served = await _tenant_with_function(
+        settings, backbone_dir, adapter_dirs["b16"], "price-tenant", 1_000, 2_000
+    )
     before = await _accepted(settings, tenant_id, served)
     async with admin(settings) as a:
         fn = await a.session.get(catalog.Function, served.function.id)
@@ -149,20 +182,40 @@ async def test_price_change_affects_only_later_invocations(settings: Settings, b
         after = await _accepted(settings, tenant_id, await catalog.served_function(a.session, tenant_id, "fn"))
     async with admin(settings) as a:
         for inv in (before, after):
-            await ledger.record_usage(a.session, wire.UsageEvent(invocation_id=inv, tenant_id=tenant_id, function_id=served.function.id, input_tokens=10, output_tokens=0))
+            await ledger.record_usage(
+                a.session,
+                wire.UsageEvent(
+                    invocation_id=inv,
+                    tenant_id=tenant_id,
+                    function_id=served.function.id,
+                    input_tokens=10,
+                    output_tokens=0,
+                ),
+            )
     async with admin(settings) as a:
-        amounts = {r.invocation_id: r.amount_picousd for r in (await a.session.scalars(select(UsageRecord).where(UsageRecord.tenant_id == tenant_id))).all()}
+        amounts = {
+            r.invocation_id: r.amount_picousd
+            for r in (await a.session.scalars(select(UsageRecord).where(UsageRecord.tenant_id == tenant_id))).all()
+        }
     assert amounts == {before: 10_000, after: 50_000}
 
 
-async def test_event_consumer_applies_a_repeated_result_once(settings: Settings, backbone_dir: Path, adapter_dirs: dict[str, Path], js_conn) -> None:
-    nc, js = js_conn
+async def test_event_consumer_applies_a_repeated_result_once(
+    settings: Settings, backbone_dir: Path, adapter_dirs: dict[str, Path], js_conn
+) -> None:
+    _nc, js = js_conn
     names = Names(settings.nats.prefix)
     await ensure_streams(js, names)
-    tenant_id, served = await _tenant_with_function(settings, backbone_dir, adapter_dirs["c32"], "events-tenant", 100, 200)
+    tenant_id, served = await _tenant_with_function(
+        settings, backbone_dir, adapter_dirs["c32"], "events-tenant", 100, 200
+    )
     inv_id = await _accepted(settings, tenant_id, served)
-    result = wire.InvocationResult(invocation_id=inv_id, status=wire.ResultStatus.SUCCEEDED, text="x", prompt_tokens=3, completion_tokens=2)
-    usage = wire.UsageEvent(invocation_id=inv_id, tenant_id=tenant_id, function_id=served.function.id, input_tokens=3, output_tokens=2)
+    result = wire.InvocationResult(
+        invocation_id=inv_id, status=wire.ResultStatus.SUCCEEDED, text="x", prompt_tokens=3, completion_tokens=2
+    )
+    usage = wire.UsageEvent(
+        invocation_id=inv_id, tenant_id=tenant_id, function_id=served.function.id, input_tokens=3, output_tokens=2
+    )
     late_failure = wire.InvocationResult(invocation_id=inv_id, status=wire.ResultStatus.FAILED, error="late duplicate")
     # Distinct message ids, so JetStream keeps every copy: the consumer itself must be idempotent.
     for i in range(2):
@@ -175,7 +228,9 @@ async def test_event_consumer_applies_a_repeated_result_once(settings: Settings,
     try:
         for _ in range(100):
             async with admin(settings) as a:
-                count = await a.session.scalar(select(func.count()).select_from(UsageRecord).where(UsageRecord.invocation_id == inv_id))
+                count = await a.session.scalar(
+                    select(func.count()).select_from(UsageRecord).where(UsageRecord.invocation_id == inv_id)
+                )
                 row = await a.session.get(Invocation, inv_id)
             if count and consumer.applied >= 5:
                 break

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import ast
-
-from datetime import datetime, timezone
+import itertools
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
 from controlplane.services.ledger import amount_picousd, month_range, picousd_to_usd
-from lorafaas import trace, wire
+from launcher import trace
+from lorafaas import wire
 from lorafaas.artifacts import folder_digest, parse_s3_uri
 from lorafaas.errors import InvalidInput
 from lorafaas.names import Names, adapter_prefix
@@ -31,8 +32,8 @@ def test_amount_is_exact_integer_picodollars() -> None:
 
 def test_month_range_wraps_the_year() -> None:
     start, end = month_range(2026, 12)
-    assert start == datetime(2026, 12, 1, tzinfo=timezone.utc)
-    assert end == datetime(2027, 1, 1, tzinfo=timezone.utc)
+    assert start == datetime(2026, 12, 1, tzinfo=UTC)
+    assert end == datetime(2027, 1, 1, tzinfo=UTC)
     with pytest.raises(InvalidInput):
         month_range(2026, 13)
 
@@ -100,7 +101,9 @@ def _write_trace(path: Path) -> Path:
 
 def test_trace_slices_scales_and_assigns(tmp_path: Path) -> None:
     path = _write_trace(tmp_path / "t.csv")
-    scale = trace.TraceScaling(duration_s=60, time_scale=0.5, token_scale=0.1, max_prompt_tokens=100, functions=3, seed=1)
+    scale = trace.TraceScaling(
+        duration_s=60, time_scale=0.5, token_scale=0.1, max_prompt_tokens=100, functions=3, seed=1
+    )
     requests = trace.load_trace(path, scale)
     assert len(requests) == 2  # the third arrives 64.5 s in
     assert requests[0].arrival_s == 0.0
@@ -121,4 +124,4 @@ def test_trace_rejects_other_columns(tmp_path: Path) -> None:
 def test_zipf_weights_sum_to_one_and_decrease() -> None:
     w = trace.zipf_weights(5, 1.1)
     assert sum(w) == pytest.approx(1.0)
-    assert all(a > b for a, b in zip(w, w[1:]))
+    assert all(a > b for a, b in itertools.pairwise(w))

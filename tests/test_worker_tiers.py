@@ -22,11 +22,15 @@ pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")
 
 def _upload(store: ArtifactStore, folder: Path, function_id: str, rank: int) -> AdapterRef:
     stored = store.upload_adapter(folder, "tiers-tenant")
-    return AdapterRef(function_id=function_id, bucket=stored.bucket, prefix=stored.prefix, sha256=stored.sha256, rank=rank)
+    return AdapterRef(
+        function_id=function_id, bucket=stored.bucket, prefix=stored.prefix, sha256=stored.sha256, rank=rank
+    )
 
 
 async def _generate(runner: EngineRunner, ref: AdapterRef, request_id: str) -> list[int]:
-    queue = await runner.submit(EngineRequest(request_id, adapter_key(ref), [1, 5, 9, 12], max_tokens=4, ignore_eos=True))
+    queue = await runner.submit(
+        EngineRequest(request_id, adapter_key(ref), [1, 5, 9, 12], max_tokens=4, ignore_eos=True)
+    )
     tokens = []
     while True:
         out = await queue.get()
@@ -35,7 +39,9 @@ async def _generate(runner: EngineRunner, ref: AdapterRef, request_id: str) -> l
             return tokens
 
 
-async def test_tiers_prefetch_offload_and_a_bad_adapter_fails_alone(settings: Settings, backbone_dir: Path, adapter_dirs: dict[str, Path], tmp_path: Path) -> None:
+async def test_tiers_prefetch_offload_and_a_bad_adapter_fails_alone(
+    settings: Settings, backbone_dir: Path, adapter_dirs: dict[str, Path], tmp_path: Path
+) -> None:
     store = ArtifactStore(settings.s3)
     store.ensure_bucket()
     model, tokenizer = load_backbone(backbone_dir)

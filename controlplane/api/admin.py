@@ -5,7 +5,7 @@ Every route needs ``Authorization: Bearer <admin token>``. Handlers stay thin ov
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from fastapi import APIRouter, Depends, Query
 
@@ -84,7 +84,9 @@ async def set_quotas(tenant_id: str, body: QuotaBody, rt: RuntimeDep) -> TenantO
 @router.post("/tenants/{tenant_id}/keys", status_code=201, response_model=KeyCreated)
 async def create_key(tenant_id: str, body: KeyCreate, rt: RuntimeDep) -> KeyCreated:
     """The secret is in this answer only; the platform keeps its SHA-256 and a visible prefix."""
-    expires = body.expires_at or (datetime.now(timezone.utc) + timedelta(seconds=body.expires_in_s) if body.expires_in_s else None)
+    expires = body.expires_at or (
+        datetime.now(UTC) + timedelta(seconds=body.expires_in_s) if body.expires_in_s else None
+    )
     async with rt.transaction() as session:
         key, secret = await keys.create_api_key(session, tenant_id, body.name, tuple(body.scopes), expires)
     return KeyCreated(**KeyOut.of(key).model_dump(), secret=secret)
@@ -120,7 +122,7 @@ async def margin(
     tenant_id: str | None = None,
 ) -> MarginReportOut:
     """Revenue, device cost and margin per function and per tenant for a calendar month."""
-    start, end = ledger.month_range(*ledger.month_of(period or f"{datetime.now(timezone.utc):%Y-%m}"))
+    start, end = ledger.month_range(*ledger.month_of(period or f"{datetime.now(UTC):%Y-%m}"))
     price = rt.settings.controlplane.device_price_micros_per_hour
     return MarginReportOut.of(await ledger.margin_report(session, start, end, price, tenant_id))
 
@@ -150,7 +152,13 @@ async def update_backbone(name: str, body: BackboneDefaults, rt: RuntimeDep) -> 
 
 async def _apply_defaults(session, name: str, body: BackboneDefaults):
     return await catalog.update_backbone_defaults(
-        session, name, body.default_price_input_micros_per_1m, body.default_price_output_micros_per_1m, body.default_max_tokens, body.default_max_queue, body.aliases
+        session,
+        name,
+        body.default_price_input_micros_per_1m,
+        body.default_price_output_micros_per_1m,
+        body.default_max_tokens,
+        body.default_max_queue,
+        body.aliases,
     )
 
 
@@ -170,5 +178,7 @@ async def update_function(function_id: str, body: FunctionUpdate, rt: RuntimeDep
 
 # --- workers ----------------------------------------------------------------------------
 @router.get("/workers", response_model=Page[WorkerOut])
-async def list_workers(session: ReadSessionDep, status: str | None = Query(default=None, pattern="^(alive|dead)$")) -> Page[WorkerOut]:
+async def list_workers(
+    session: ReadSessionDep, status: str | None = Query(default=None, pattern="^(alive|dead)$")
+) -> Page[WorkerOut]:
     return Page(data=[WorkerOut.of(w) for w in await workers.list_workers(session, status)])

@@ -62,14 +62,18 @@ def _token(credentials: HTTPAuthorizationCredentials | None) -> str | None:
     return credentials.credentials if credentials else None
 
 
-async def require_operator(request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+async def require_operator(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> None:
     expected = _runtime(request).settings.admin_token
     token = _token(credentials)
     if not token or not hmac.compare_digest(token.encode(), expected.encode()):
         raise Unauthenticated("admin routes need 'Authorization: Bearer <LORAFAAS_ADMIN_TOKEN>'")
 
 
-async def _principal(request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Principal:
+async def _principal(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> Principal:
     async with _runtime(request).sessions() as session:
         return await authenticate(session, _token(credentials))
 

@@ -46,10 +46,16 @@ class TenantOut(BaseModel):
     suspended_at: datetime | None
 
     @classmethod
-    def of(cls, t: Tenant) -> "TenantOut":
+    def of(cls, t: Tenant) -> TenantOut:
         return cls(
-            id=t.id, name=t.name, status=t.status, tokens_per_minute=t.tokens_per_minute, max_concurrency=t.max_concurrency,
-            monthly_spend_cap_picousd=t.monthly_spend_cap_picousd, created_at=t.created_at, suspended_at=t.suspended_at,
+            id=t.id,
+            name=t.name,
+            status=t.status,
+            tokens_per_minute=t.tokens_per_minute,
+            max_concurrency=t.max_concurrency,
+            monthly_spend_cap_picousd=t.monthly_spend_cap_picousd,
+            created_at=t.created_at,
+            suspended_at=t.suspended_at,
         )
 
 
@@ -71,8 +77,17 @@ class KeyOut(BaseModel):
     revoked_at: datetime | None
 
     @classmethod
-    def of(cls, k: ApiKey) -> "KeyOut":
-        return cls(id=k.id, tenant_id=k.tenant_id, name=k.name, prefix=k.prefix, scopes=list(k.scopes), created_at=k.created_at, expires_at=k.expires_at, revoked_at=k.revoked_at)
+    def of(cls, k: ApiKey) -> KeyOut:
+        return cls(
+            id=k.id,
+            tenant_id=k.tenant_id,
+            name=k.name,
+            prefix=k.prefix,
+            scopes=list(k.scopes),
+            created_at=k.created_at,
+            expires_at=k.expires_at,
+            revoked_at=k.revoked_at,
+        )
 
 
 class KeyCreated(KeyOut):
@@ -108,11 +123,18 @@ class BackboneOut(BaseModel):
     default_max_queue: int | None
 
     @classmethod
-    def of(cls, b: Backbone) -> "BackboneOut":
+    def of(cls, b: Backbone) -> BackboneOut:
         return cls(
-            id=b.id, name=b.name, uri=b.uri, shape=b.shape or {}, max_context=b.max_context, aliases=list(b.aliases or []),
-            default_price_input_micros_per_1m=b.default_price_input_micros_per_1m, default_price_output_micros_per_1m=b.default_price_output_micros_per_1m,
-            default_max_tokens=b.default_max_tokens, default_max_queue=b.default_max_queue,
+            id=b.id,
+            name=b.name,
+            uri=b.uri,
+            shape=b.shape or {},
+            max_context=b.max_context,
+            aliases=list(b.aliases or []),
+            default_price_input_micros_per_1m=b.default_price_input_micros_per_1m,
+            default_price_output_micros_per_1m=b.default_price_output_micros_per_1m,
+            default_max_tokens=b.default_max_tokens,
+            default_max_queue=b.default_max_queue,
         )
 
 
@@ -133,8 +155,16 @@ class VersionOut(BaseModel):
     serving: bool
 
     @classmethod
-    def of(cls, a: AdapterArtifact, serving_id: str | None) -> "VersionOut":
-        return cls(version=a.version, sha256=a.sha256, rank=a.rank, target_modules=list(a.target_modules), size_bytes=a.size_bytes, created_at=a.created_at, serving=a.id == serving_id)
+    def of(cls, a: AdapterArtifact, serving_id: str | None) -> VersionOut:
+        return cls(
+            version=a.version,
+            sha256=a.sha256,
+            rank=a.rank,
+            target_modules=list(a.target_modules),
+            size_bytes=a.size_bytes,
+            created_at=a.created_at,
+            serving=a.id == serving_id,
+        )
 
 
 class FunctionOut(BaseModel):
@@ -153,12 +183,21 @@ class FunctionOut(BaseModel):
     created_at: datetime | None
 
     @classmethod
-    def of(cls, s: ServedFunction) -> "FunctionOut":
+    def of(cls, s: ServedFunction) -> FunctionOut:
         f, a = s.function, s.artifact
         return cls(
-            id=f.id, name=f.name, tenant_id=f.tenant_id, backbone=s.backbone.name, version=a.version, rank=a.rank, sha256=a.sha256,
-            price_input_micros_per_1m=f.price_input_micros_per_1m, price_output_micros_per_1m=f.price_output_micros_per_1m,
-            max_tokens=f.max_tokens, max_queue=f.max_queue, created_at=f.created_at,
+            id=f.id,
+            name=f.name,
+            tenant_id=f.tenant_id,
+            backbone=s.backbone.name,
+            version=a.version,
+            rank=a.rank,
+            sha256=a.sha256,
+            price_input_micros_per_1m=f.price_input_micros_per_1m,
+            price_output_micros_per_1m=f.price_output_micros_per_1m,
+            max_tokens=f.max_tokens,
+            max_queue=f.max_queue,
+            created_at=f.created_at,
         )
 
 
@@ -184,10 +223,17 @@ class InvocationOut(BaseModel):
     error: str | None
 
     @classmethod
-    def of(cls, i: Invocation) -> "InvocationOut":
+    def of(cls, i: Invocation) -> InvocationOut:
         return cls(
-            id=i.id, function_id=i.function_id, mode=i.mode, state=i.state, accepted_at=i.accepted_at, finished_at=i.finished_at,
-            prompt_tokens=i.prompt_tokens, completion_tokens=i.completion_tokens, error=i.error,
+            id=i.id,
+            function_id=i.function_id,
+            mode=i.mode,
+            state=i.state,
+            accepted_at=i.accepted_at,
+            finished_at=i.finished_at,
+            prompt_tokens=i.prompt_tokens,
+            completion_tokens=i.completion_tokens,
+            error=i.error,
         )
 
 
@@ -249,11 +295,28 @@ class BillOut(BaseModel):
     total_usd: str
 
     @classmethod
-    def of(cls, b: ledger.Bill) -> "BillOut":
-        lines = [BillLineOut(function_id=l.function_id, function=l.function_name, invocations=l.invocations, input_tokens=l.input_tokens,
-                             output_tokens=l.output_tokens, amount_picousd=l.amount_picousd, amount_usd=usd(l.amount_picousd)) for l in b.lines]
-        return cls(tenant_id=b.tenant_id, period=f"{b.period_start:%Y-%m}", period_start=b.period_start, period_end=b.period_end,
-                   lines=lines, total_picousd=b.total_picousd, total_usd=usd(b.total_picousd))
+    def of(cls, b: ledger.Bill) -> BillOut:
+        lines = [
+            BillLineOut(
+                function_id=line.function_id,
+                function=line.function_name,
+                invocations=line.invocations,
+                input_tokens=line.input_tokens,
+                output_tokens=line.output_tokens,
+                amount_picousd=line.amount_picousd,
+                amount_usd=usd(line.amount_picousd),
+            )
+            for line in b.lines
+        ]
+        return cls(
+            tenant_id=b.tenant_id,
+            period=f"{b.period_start:%Y-%m}",
+            period_start=b.period_start,
+            period_end=b.period_end,
+            lines=lines,
+            total_picousd=b.total_picousd,
+            total_usd=usd(b.total_picousd),
+        )
 
 
 # --- the operator's reports -------------------------------------------------------------
@@ -271,8 +334,13 @@ class _RevenueCostOut(BaseModel):
     @staticmethod
     def money(x: ledger.RevenueCost) -> dict:
         return dict(
-            device_ns=x.device_ns, revenue_picousd=x.revenue_picousd, cost_picousd=x.cost_picousd, margin_picousd=x.margin_picousd,
-            revenue_usd=usd(x.revenue_picousd), cost_usd=usd(x.cost_picousd), margin_usd=usd(x.margin_picousd),
+            device_ns=x.device_ns,
+            revenue_picousd=x.revenue_picousd,
+            cost_picousd=x.cost_picousd,
+            margin_picousd=x.margin_picousd,
+            revenue_usd=usd(x.revenue_picousd),
+            cost_usd=usd(x.cost_picousd),
+            margin_usd=usd(x.margin_picousd),
         )
 
 
@@ -286,10 +354,16 @@ class MarginLineOut(_RevenueCostOut):
     output_tokens: int
 
     @classmethod
-    def of(cls, l: ledger.MarginLine) -> "MarginLineOut":
+    def of(cls, line: ledger.MarginLine) -> MarginLineOut:
         return cls(
-            tenant_id=l.tenant_id, tenant=l.tenant_name, function_id=l.function_id, function=l.function_name, invocations=l.invocations,
-            input_tokens=l.input_tokens, output_tokens=l.output_tokens, **cls.money(l),
+            tenant_id=line.tenant_id,
+            tenant=line.tenant_name,
+            function_id=line.function_id,
+            function=line.function_name,
+            invocations=line.invocations,
+            input_tokens=line.input_tokens,
+            output_tokens=line.output_tokens,
+            **cls.money(line),
         )
 
 
@@ -301,10 +375,13 @@ class MarginReportOut(_RevenueCostOut):
     by_tenant: list[MarginLineOut]
 
     @classmethod
-    def of(cls, r: ledger.MarginReport) -> "MarginReportOut":
+    def of(cls, r: ledger.MarginReport) -> MarginReportOut:
         return cls(
-            start=r.start, end=r.end, device_price_micros_per_hour=r.device_price_micros_per_hour,
-            by_function=[MarginLineOut.of(l) for l in r.by_function], by_tenant=[MarginLineOut.of(l) for l in r.by_tenant],
+            start=r.start,
+            end=r.end,
+            device_price_micros_per_hour=r.device_price_micros_per_hour,
+            by_function=[MarginLineOut.of(line) for line in r.by_function],
+            by_tenant=[MarginLineOut.of(line) for line in r.by_tenant],
             **cls.money(r),
         )
 
@@ -319,8 +396,16 @@ class WorkerOut(BaseModel):
     dead_at: datetime | None
 
     @classmethod
-    def of(cls, w: Worker) -> "WorkerOut":
-        return cls(id=w.id, backbone=w.backbone, device=w.device, status=w.status, started_at=w.started_at, last_heartbeat_at=w.last_heartbeat_at, dead_at=w.dead_at)
+    def of(cls, w: Worker) -> WorkerOut:
+        return cls(
+            id=w.id,
+            backbone=w.backbone,
+            device=w.device,
+            status=w.status,
+            started_at=w.started_at,
+            last_heartbeat_at=w.last_heartbeat_at,
+            dead_at=w.dead_at,
+        )
 
 
 class Page(BaseModel, Generic[T]):

@@ -8,7 +8,7 @@ OpenAI routes; nothing here clashes with them.)
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, UploadFile
@@ -49,7 +49,9 @@ async def register_function(
     rt: RuntimeDep,
     name: Annotated[str, Form(description="Function name; registering an existing name adds a version")],
     backbone: Annotated[str, Form()],
-    files: Annotated[list[UploadFile] | None, File(description="The files save_pretrained wrote, one part each")] = None,
+    files: Annotated[
+        list[UploadFile] | None, File(description="The files save_pretrained wrote, one part each")
+    ] = None,
     archive: Annotated[UploadFile | None, File(description="Or: the folder as one .tar.gz")] = None,
     s3_uri: Annotated[str | None, Form(description="Or: s3://bucket/prefix of the folder")] = None,
 ) -> FunctionOut:
@@ -64,7 +66,10 @@ async def register_function(
         s3_uri=s3_uri,
     )
     limits = rt.settings.limits
-    async with staged(source, rt.store, principal.tenant_id, limits.max_adapter_bytes) as folder, rt.transaction() as session:
+    async with (
+        staged(source, rt.store, principal.tenant_id, limits.max_adapter_bytes) as folder,
+        rt.transaction() as session,
+    ):
         served = await catalog.register_function(session, rt.store, limits, principal.tenant_id, name, backbone, folder)
     return FunctionOut.of(served)
 
@@ -108,7 +113,9 @@ async def list_invocations(
 ) -> InvocationList:
     principal.require(READ_USAGE)
     function_id = (await catalog.function_by_name(session, principal.tenant_id, function)).id if function else None
-    rows = await invocations.list_for_tenant(session, principal.tenant_id, function_id, state, _ts(start_time), _ts(end_time), limit)
+    rows = await invocations.list_for_tenant(
+        session, principal.tenant_id, function_id, state, _ts(start_time), _ts(end_time), limit
+    )
     return InvocationList(data=[InvocationOut.of(r) for r in rows])
 
 
@@ -119,15 +126,19 @@ async def usage(
     start_time: int = Query(description="Unix seconds, inclusive"),
     end_time: int | None = Query(default=None, description="Unix seconds, exclusive (default: now)"),
     bucket_width: str = Query(default="1d", pattern="^(1h|1d)$"),
-    group_by: str | None = Query(default="function", pattern="^function$", description="'function', or omit for totals"),
+    group_by: str | None = Query(
+        default="function", pattern="^function$", description="'function', or omit for totals"
+    ),
     function: str | None = Query(default=None, description="only this function"),
 ) -> UsagePage:
     """Usage per UTC hour or day, like OpenAI's usage API: invocations, input and output tokens, amount."""
     principal.require(READ_USAGE)
-    start, end = _ts(start_time), _ts(end_time) or datetime.now(timezone.utc)
+    start, end = _ts(start_time), _ts(end_time) or datetime.now(UTC)
     buckets = ledger.bucket_starts(start, end, bucket_width)
     function_id = (await catalog.function_by_name(session, principal.tenant_id, function)).id if function else None
-    rows = await ledger.usage_by_bucket(session, principal.tenant_id, start, end, bucket_width, function_id, by_function=group_by == "function")
+    rows = await ledger.usage_by_bucket(
+        session, principal.tenant_id, start, end, bucket_width, function_id, by_function=group_by == "function"
+    )
     return UsagePage(data=_buckets(buckets, ledger.BUCKET_WIDTHS[bucket_width], rows))
 
 
@@ -139,15 +150,23 @@ async def bill(period: str, principal: PrincipalDep, session: ReadSessionDep) ->
 
 
 def _ts(value: int | None) -> datetime | None:
-    return datetime.fromtimestamp(value, timezone.utc) if value is not None else None
+    return datetime.fromtimestamp(value, UTC) if value is not None else None
 
 
 def _buckets(starts: list[datetime], width, rows: list[ledger.UsageRow]) -> list[UsageBucket]:
     by_start: dict[datetime, list[UsageResult]] = {s: [] for s in starts}
     for r in rows:
         result = UsageResult(
-            function=r.function_name, function_id=r.function_id, num_model_requests=r.invocations, input_tokens=r.input_tokens,
-            output_tokens=r.output_tokens, amount_picousd=r.amount_picousd, amount=Amount(value=usd(r.amount_picousd)),
+            function=r.function_name,
+            function_id=r.function_id,
+            num_model_requests=r.invocations,
+            input_tokens=r.input_tokens,
+            output_tokens=r.output_tokens,
+            amount_picousd=r.amount_picousd,
+            amount=Amount(value=usd(r.amount_picousd)),
         )
         by_start.setdefault(r.bucket_start, []).append(result)
-    return [UsageBucket(start_time=int(s.timestamp()), end_time=int((s + width).timestamp()), results=res) for s, res in sorted(by_start.items())]
+    return [
+        UsageBucket(start_time=int(s.timestamp()), end_time=int((s + width).timestamp()), results=res)
+        for s, res in sorted(by_start.items())
+    ]

@@ -34,7 +34,9 @@ async def ensure_database(url: str, timeout_s: float = 30.0) -> None:
             break
         except (OSError, asyncpg.PostgresError) as e:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"Postgres at {make_url(url).host}:{make_url(url).port} did not answer in {timeout_s:g}s: {e}") from e
+                raise TimeoutError(
+                    f"Postgres at {make_url(url).host}:{make_url(url).port} did not answer in {timeout_s:g}s: {e}"
+                ) from e
             await asyncio.sleep(0.5)
     try:
         if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):

@@ -108,14 +108,18 @@ class Function(Base):
     __tablename__ = "functions"
     __table_args__ = (
         UniqueConstraint("tenant_id", "name", name="uq_functions_tenant_name"),
-        CheckConstraint("price_input_micros_per_1m >= 0 AND price_output_micros_per_1m >= 0", name="ck_functions_prices"),
+        CheckConstraint(
+            "price_input_micros_per_1m >= 0 AND price_output_micros_per_1m >= 0", name="ck_functions_prices"
+        ),
     )
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
     name: Mapped[str] = mapped_column(String(128))
     backbone_id: Mapped[str] = mapped_column(ForeignKey("backbones.id"))
     # The artifact version the function serves now; older versions stay for rollback.
-    artifact_id: Mapped[str | None] = mapped_column(ForeignKey("adapter_artifacts.id", use_alter=True, name="fk_functions_artifact"))
+    artifact_id: Mapped[str | None] = mapped_column(
+        ForeignKey("adapter_artifacts.id", use_alter=True, name="fk_functions_artifact")
+    )
     price_input_micros_per_1m: Mapped[int] = mapped_column(BigInteger)
     price_output_micros_per_1m: Mapped[int] = mapped_column(BigInteger)
     max_tokens: Mapped[int | None] = mapped_column(Integer)

@@ -33,7 +33,15 @@ class ServedFunction:
         return AdapterRef(function_id=self.function.id, bucket=a.bucket, prefix=a.prefix, sha256=a.sha256, rank=a.rank)
 
 
-SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size", "head_dim")
+SHAPE_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+    "head_dim",
+)
 REQUIRED_SHAPE = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
 
 
@@ -43,7 +51,12 @@ def backbone_shape(config: dict) -> dict:
 
 
 async def register_backbone_from(
-    session: AsyncSession, store: ArtifactStore, name: str, uri: str, shape: dict | None = None, max_context: int | None = None
+    session: AsyncSession,
+    store: ArtifactStore,
+    name: str,
+    uri: str,
+    shape: dict | None = None,
+    max_context: int | None = None,
 ) -> Backbone:
     """Register a backbone from a local Hugging Face folder (uploaded to S3 first) or an s3:// prefix.
 
@@ -64,8 +77,14 @@ async def register_backbone_from(
     if missing:
         raise InvalidInput(f"backbone shape lacks {missing}", param="shape")
     existing = await session.scalar(select(Backbone).where(Backbone.name == name))
-    prices = (existing.default_price_input_micros_per_1m, existing.default_price_output_micros_per_1m) if existing else (0, 0)
-    return await register_backbone(session, name, uri, shape, max_context or config.get("max_position_embeddings", 2048), *prices)
+    prices = (
+        (existing.default_price_input_micros_per_1m, existing.default_price_output_micros_per_1m)
+        if existing
+        else (0, 0)
+    )
+    return await register_backbone(
+        session, name, uri, shape, max_context or config.get("max_position_embeddings", 2048), *prices
+    )
 
 
 def _read_s3_config(store: ArtifactStore, uri: str) -> dict:
@@ -114,7 +133,12 @@ async def backbone_spec(session: AsyncSession, backbone: Backbone) -> BackboneSp
     others = (await session.execute(select(Backbone.name, Backbone.aliases).where(Backbone.id != backbone.id))).all()
     other_names = {name for name, _ in others} | {alias for _, aliases in others for alias in (aliases or [])}
     accepted = {backbone.name, backbone.uri, *(backbone.aliases or [])}
-    return BackboneSpec(name=backbone.name, shape=backbone.shape or {}, accepted_names=frozenset(accepted), other_names=frozenset(other_names - accepted))
+    return BackboneSpec(
+        name=backbone.name,
+        shape=backbone.shape or {},
+        accepted_names=frozenset(accepted),
+        other_names=frozenset(other_names - accepted),
+    )
 
 
 async def register_function(
@@ -148,7 +172,10 @@ async def register_function(
     price_out = _price(price_output_micros_per_1m, backbone.default_price_output_micros_per_1m)
     # Identical content of this tenant is already stored (another version): reuse it, never delete it.
     prefix = adapter_prefix(tenant_id, await asyncio.to_thread(adapter_digest, adapter_folder))
-    reused = await session.scalar(select(func.count()).select_from(AdapterArtifact).where(AdapterArtifact.prefix == prefix)) > 0
+    reused = (
+        await session.scalar(select(func.count()).select_from(AdapterArtifact).where(AdapterArtifact.prefix == prefix))
+        > 0
+    )
     stored = await asyncio.to_thread(store.upload_adapter, adapter_folder, tenant_id, progress)
     try:
         if function is None:
@@ -183,8 +210,12 @@ def _price(value: int | None, default: int) -> int:
     return price
 
 
-async def _add_version(session: AsyncSession, function: Function, stored: StoredArtifact, spec: AdapterSpec) -> AdapterArtifact:
-    latest = await session.scalar(select(func.max(AdapterArtifact.version)).where(AdapterArtifact.function_id == function.id))
+async def _add_version(
+    session: AsyncSession, function: Function, stored: StoredArtifact, spec: AdapterSpec
+) -> AdapterArtifact:
+    latest = await session.scalar(
+        select(func.max(AdapterArtifact.version)).where(AdapterArtifact.function_id == function.id)
+    )
     artifact = AdapterArtifact(
         function_id=function.id,
         tenant_id=function.tenant_id,
@@ -232,13 +263,17 @@ async def list_functions(session: AsyncSession, tenant_id: str) -> list[ServedFu
 async def list_versions(session: AsyncSession, tenant_id: str, name: str) -> tuple[Function, list[AdapterArtifact]]:
     """Every stored version of the tenant's function, oldest first."""
     function = await function_by_name(session, tenant_id, name)
-    rows = await session.scalars(select(AdapterArtifact).where(AdapterArtifact.function_id == function.id).order_by(AdapterArtifact.version))
+    rows = await session.scalars(
+        select(AdapterArtifact).where(AdapterArtifact.function_id == function.id).order_by(AdapterArtifact.version)
+    )
     return function, list(rows)
 
 
 async def get_version(session: AsyncSession, tenant_id: str, name: str, version: int) -> AdapterArtifact:
     function = await function_by_name(session, tenant_id, name)
-    artifact = await session.scalar(select(AdapterArtifact).where(AdapterArtifact.function_id == function.id, AdapterArtifact.version == version))
+    artifact = await session.scalar(
+        select(AdapterArtifact).where(AdapterArtifact.function_id == function.id, AdapterArtifact.version == version)
+    )
     if artifact is None:
         raise NotFound(f"function '{name}' has no version {version}", function=name)
     return artifact

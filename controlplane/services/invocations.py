@@ -23,8 +23,20 @@ TERMINAL = [InvocationState.SUCCEEDED, InvocationState.FAILED, InvocationState.C
 
 # What an invocation is recorded with when accepted; the rest is filled in as it runs.
 ACCEPTED_COLUMNS = (
-    "id", "tenant_id", "function_id", "artifact_id", "mode", "state", "request", "request_hash", "idempotency_key",
-    "price_input_micros_per_1m", "price_output_micros_per_1m", "callback_url", "callback_state", "callback_attempts",
+    "id",
+    "tenant_id",
+    "function_id",
+    "artifact_id",
+    "mode",
+    "state",
+    "request",
+    "request_hash",
+    "idempotency_key",
+    "price_input_micros_per_1m",
+    "price_output_micros_per_1m",
+    "callback_url",
+    "callback_state",
+    "callback_attempts",
 )
 
 
@@ -41,8 +53,15 @@ def _accept_statement():
         .cte("depth")
     )
     # JSON None stays SQL NULL (as when the column is left out), not the JSON value null.
-    types = {name: JSON(none_as_null=True) if isinstance(columns[name].type, JSON) else columns[name].type for name in ACCEPTED_COLUMNS}
-    row = select(*(bindparam(name, type_=types[name]) for name in ACCEPTED_COLUMNS)).select_from(depth).where(depth.c.n < bindparam("queue_limit"))
+    types = {
+        name: JSON(none_as_null=True) if isinstance(columns[name].type, JSON) else columns[name].type
+        for name in ACCEPTED_COLUMNS
+    }
+    row = (
+        select(*(bindparam(name, type_=types[name]) for name in ACCEPTED_COLUMNS))
+        .select_from(depth)
+        .where(depth.c.n < bindparam("queue_limit"))
+    )
     inserted = insert(Invocation.__table__).from_select(ACCEPTED_COLUMNS, row).returning(Invocation.id).cte("inserted")
     return select(depth.c.n, inserted.c.id).select_from(depth.outerjoin(inserted, true()))
 
@@ -99,7 +118,9 @@ async def accept(
 
 
 async def get_for_tenant(session: AsyncSession, tenant_id: str, invocation_id: str) -> Invocation:
-    invocation = await session.scalar(select(Invocation).where(Invocation.id == invocation_id, Invocation.tenant_id == tenant_id))
+    invocation = await session.scalar(
+        select(Invocation).where(Invocation.id == invocation_id, Invocation.tenant_id == tenant_id)
+    )
     if invocation is None:
         raise NotFound(f"invocation {invocation_id} not found")
     return invocation

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -90,7 +90,7 @@ async def revoke_api_key(session: AsyncSession, tenant_id: str, key_id: str) -> 
     key = await session.get(ApiKey, key_id)
     if key is None or key.tenant_id != tenant_id:
         raise NotFound(f"API key {key_id} not found")
-    key.revoked_at = key.revoked_at or datetime.now(timezone.utc)
+    key.revoked_at = key.revoked_at or datetime.now(UTC)
     return key
 
 
@@ -100,10 +100,12 @@ async def authenticate(session: AsyncSession, secret: str | None) -> Principal:
         raise Unauthenticated("missing API key: send 'Authorization: Bearer <key>'")
     row = (
         await session.execute(
-            select(ApiKey, Tenant.status).join(Tenant, Tenant.id == ApiKey.tenant_id).where(ApiKey.secret_hash == hash_secret(secret))
+            select(ApiKey, Tenant.status)
+            .join(Tenant, Tenant.id == ApiKey.tenant_id)
+            .where(ApiKey.secret_hash == hash_secret(secret))
         )
     ).first()
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     if row is None:
         raise Unauthenticated("invalid API key")
     key, status = row
@@ -122,7 +124,7 @@ async def set_tenant_status(session: AsyncSession, tenant_id: str, status: Tenan
     """Suspend or reactivate; keys are checked against the status on every request, so it acts at once."""
     tenant = await get_tenant(session, tenant_id)
     tenant.status = status
-    tenant.suspended_at = datetime.now(timezone.utc) if status == TenantStatus.SUSPENDED else None
+    tenant.suspended_at = datetime.now(UTC) if status == TenantStatus.SUSPENDED else None
     await session.flush()
     return tenant
 

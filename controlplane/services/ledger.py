@@ -7,7 +7,7 @@ of pico-dollars (1e-12 USD): no request is ever rounded, and a bill's total is t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 from sqlalchemy import BigInteger, Integer, String, bindparam, func, select
@@ -21,7 +21,9 @@ from lorafaas.wire import UsageEvent
 PICOUSD_PER_USD = 10**12
 
 
-def amount_picousd(input_tokens: int, output_tokens: int, price_in_micros_per_1m: int, price_out_micros_per_1m: int) -> int:
+def amount_picousd(
+    input_tokens: int, output_tokens: int, price_in_micros_per_1m: int, price_out_micros_per_1m: int
+) -> int:
     """The exact charge of one invocation in pico-dollars."""
     return input_tokens * price_in_micros_per_1m + output_tokens * price_out_micros_per_1m
 
@@ -51,10 +53,30 @@ def _record_usage_statement():
         bindparam("u_device_ns", type_=BigInteger),
         bindparam("u_worker_id", type_=String),
         func.coalesce(bindparam("u_finished_at", type_=UsageRecord.recorded_at.type), func.now()),
-    ).where(inv.id == bindparam("u_invocation_id"), inv.tenant_id == bindparam("u_tenant_id"), inv.function_id == bindparam("u_function_id"))
-    columns = ["invocation_id", "tenant_id", "function_id", "input_tokens", "output_tokens", "price_input_micros_per_1m",
-               "price_output_micros_per_1m", "amount_picousd", "device_ns", "worker_id", "recorded_at"]
-    return insert(UsageRecord.__table__).from_select(columns, source).on_conflict_do_nothing(index_elements=["invocation_id"]).returning(UsageRecord.id)
+    ).where(
+        inv.id == bindparam("u_invocation_id"),
+        inv.tenant_id == bindparam("u_tenant_id"),
+        inv.function_id == bindparam("u_function_id"),
+    )
+    columns = [
+        "invocation_id",
+        "tenant_id",
+        "function_id",
+        "input_tokens",
+        "output_tokens",
+        "price_input_micros_per_1m",
+        "price_output_micros_per_1m",
+        "amount_picousd",
+        "device_ns",
+        "worker_id",
+        "recorded_at",
+    ]
+    return (
+        insert(UsageRecord.__table__)
+        .from_select(columns, source)
+        .on_conflict_do_nothing(index_elements=["invocation_id"])
+        .returning(UsageRecord.id)
+    )
 
 
 _RECORD_USAGE = _record_usage_statement()
@@ -112,8 +134,8 @@ class Bill:
 def month_range(year: int, month: int) -> tuple[datetime, datetime]:
     if not 1 <= month <= 12:
         raise InvalidInput(f"month must be 1..12, got {month}")
-    start = datetime(year, month, 1, tzinfo=timezone.utc)
-    end = datetime(year + month // 12, month % 12 + 1, 1, tzinfo=timezone.utc)
+    start = datetime(year, month, 1, tzinfo=UTC)
+    end = datetime(year + month // 12, month % 12 + 1, 1, tzinfo=UTC)
     return start, end
 
 
@@ -190,16 +212,30 @@ def bucket_starts(start: datetime, end: datetime, width: str) -> list[datetime]:
         first = first.replace(hour=0)
     count = -(-(end - first) // step)
     if count > MAX_BUCKETS:
-        raise InvalidInput(f"the range spans {count} buckets of {width}; the limit is {MAX_BUCKETS}", param="start_time")
+        raise InvalidInput(
+            f"the range spans {count} buckets of {width}; the limit is {MAX_BUCKETS}", param="start_time"
+        )
     return [first + i * step for i in range(count)]
 
 
 async def usage_by_bucket(
-    session: AsyncSession, tenant_id: str, start: datetime, end: datetime, width: str, function_id: str | None = None, by_function: bool = True
+    session: AsyncSession,
+    tenant_id: str,
+    start: datetime,
+    end: datetime,
+    width: str,
+    function_id: str | None = None,
+    by_function: bool = True,
 ) -> list[UsageRow]:
     """A tenant's usage records summed per UTC hour or day (and per function), exactly."""
     trunc = func.date_trunc("hour" if width == "1h" else "day", UsageRecord.recorded_at, "UTC").label("bucket")
-    cols = [trunc, func.count(UsageRecord.id), func.sum(UsageRecord.input_tokens), func.sum(UsageRecord.output_tokens), func.sum(UsageRecord.amount_picousd)]
+    cols = [
+        trunc,
+        func.count(UsageRecord.id),
+        func.sum(UsageRecord.input_tokens),
+        func.sum(UsageRecord.output_tokens),
+        func.sum(UsageRecord.amount_picousd),
+    ]
     group = [trunc]
     if by_function:
         cols[1:1] = [UsageRecord.function_id, Function.name]
@@ -218,7 +254,7 @@ async def usage_by_bucket(
         bucket, *rest = row
         fid, fname = (rest.pop(0), rest.pop(0)) if by_function else (None, None)
         n, i, o, a = rest
-        rows.append(UsageRow(bucket.astimezone(timezone.utc), fid, fname, int(n), int(i), int(o), int(a)))
+        rows.append(UsageRow(bucket.astimezone(UTC), fid, fname, int(n), int(i), int(o), int(a)))
     return rows
 
 
@@ -271,13 +307,21 @@ class MarginReport(RevenueCost):
     cost_picousd: int
 
 
-async def margin_report(session: AsyncSession, start: datetime, end: datetime, price_micros_per_hour: int, tenant_id: str | None = None) -> MarginReport:
+async def margin_report(
+    session: AsyncSession, start: datetime, end: datetime, price_micros_per_hour: int, tenant_id: str | None = None
+) -> MarginReport:
     """Revenue beside device cost per function and per tenant; cost comes from summed device_ns."""
     query = (
         select(
-            Tenant.id, Tenant.name, Function.id, Function.name,
-            func.count(UsageRecord.id), func.sum(UsageRecord.input_tokens), func.sum(UsageRecord.output_tokens),
-            func.sum(UsageRecord.amount_picousd), func.sum(UsageRecord.device_ns),
+            Tenant.id,
+            Tenant.name,
+            Function.id,
+            Function.name,
+            func.count(UsageRecord.id),
+            func.sum(UsageRecord.input_tokens),
+            func.sum(UsageRecord.output_tokens),
+            func.sum(UsageRecord.amount_picousd),
+            func.sum(UsageRecord.device_ns),
         )
         .join(Function, Function.id == UsageRecord.function_id)
         .join(Tenant, Tenant.id == UsageRecord.tenant_id)
@@ -288,20 +332,40 @@ async def margin_report(session: AsyncSession, start: datetime, end: datetime, p
     if tenant_id is not None:
         query = query.where(UsageRecord.tenant_id == tenant_id)
     raw = [tuple(int(v) if i >= 4 else v for i, v in enumerate(row)) for row in await session.execute(query)]
-    by_function = [MarginLine(t, tn, f, fn, n, i, o, r, d, device_cost_picousd(d, price_micros_per_hour)) for t, tn, f, fn, n, i, o, r, d in raw]
+    by_function = [
+        MarginLine(t, tn, f, fn, n, i, o, r, d, device_cost_picousd(d, price_micros_per_hour))
+        for t, tn, f, fn, n, i, o, r, d in raw
+    ]
     by_tenant = []
     for tid in dict.fromkeys(line.tenant_id for line in by_function):
         lines = [line for line in by_function if line.tenant_id == tid]
         d = sum(line.device_ns for line in lines)
         by_tenant.append(
             MarginLine(
-                tid, lines[0].tenant_name, None, None, sum(x.invocations for x in lines), sum(x.input_tokens for x in lines),
-                sum(x.output_tokens for x in lines), sum(x.revenue_picousd for x in lines), d, device_cost_picousd(d, price_micros_per_hour),
+                tid,
+                lines[0].tenant_name,
+                None,
+                None,
+                sum(x.invocations for x in lines),
+                sum(x.input_tokens for x in lines),
+                sum(x.output_tokens for x in lines),
+                sum(x.revenue_picousd for x in lines),
+                d,
+                device_cost_picousd(d, price_micros_per_hour),
             )
         )
     device_ns = sum(line.device_ns for line in by_function)
     revenue = sum(line.revenue_picousd for line in by_function)
-    return MarginReport(start, end, price_micros_per_hour, by_function, by_tenant, revenue, device_ns, device_cost_picousd(device_ns, price_micros_per_hour))
+    return MarginReport(
+        start,
+        end,
+        price_micros_per_hour,
+        by_function,
+        by_tenant,
+        revenue,
+        device_ns,
+        device_cost_picousd(device_ns, price_micros_per_hour),
+    )
 
 
 def month_of(period: str) -> tuple[int, int]:

@@ -8,7 +8,7 @@ ledger and the invocations table, so every gateway sees the same totals.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
@@ -32,10 +32,12 @@ class TenantQuota:
 
     @property
     def unlimited(self) -> bool:
-        return self.tokens_per_minute is None and self.max_concurrency is None and self.monthly_spend_cap_picousd is None
+        return (
+            self.tokens_per_minute is None and self.max_concurrency is None and self.monthly_spend_cap_picousd is None
+        )
 
     @classmethod
-    def of(cls, tenant: Tenant) -> "TenantQuota":
+    def of(cls, tenant: Tenant) -> TenantQuota:
         return cls(tenant.id, tenant.tokens_per_minute, tenant.max_concurrency, tenant.monthly_spend_cap_picousd)
 
 
@@ -56,7 +58,13 @@ async def set_quota(session: AsyncSession, tenant_id: str, **limits: int | None)
     return TenantQuota.of(tenant)
 
 
-async def enforce(session: AsyncSession | AsyncConnection, quota: TenantQuota, requested_tokens: int, in_flight_horizon_s: float, now: datetime | None = None) -> None:
+async def enforce(
+    session: AsyncSession | AsyncConnection,
+    quota: TenantQuota,
+    requested_tokens: int,
+    in_flight_horizon_s: float,
+    now: datetime | None = None,
+) -> None:
     """Refuse an invocation that would cross a limit: 402 past the spend cap, 429 otherwise.
 
     With a concurrency limit, a transaction-scoped advisory lock on the tenant serialises
@@ -64,7 +72,7 @@ async def enforce(session: AsyncSession | AsyncConnection, quota: TenantQuota, r
     """
     if quota.unlimited:
         return
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     if quota.monthly_spend_cap_picousd is not None:
         await _check_spend(session, quota, now)
     if quota.max_concurrency is not None:
@@ -94,7 +102,9 @@ async def _check_spend(session: AsyncSession, quota: TenantQuota, now: datetime)
 async def _check_concurrency(session: AsyncSession, quota: TenantQuota, since: datetime) -> None:
     # Invocations stuck past the horizon (a lost worker) stop counting, so a tenant is never locked out for good.
     running = await session.scalar(
-        select(func.count()).select_from(Invocation).where(
+        select(func.count())
+        .select_from(Invocation)
+        .where(
             Invocation.tenant_id == quota.tenant_id, Invocation.state.in_(IN_FLIGHT), Invocation.accepted_at >= since
         )
     )
@@ -111,16 +121,19 @@ async def _check_tokens(session: AsyncSession, quota: TenantQuota, requested: in
     since = now - WINDOW
     used, oldest_used = (
         await session.execute(
-            select(func.coalesce(func.sum(UsageRecord.input_tokens + UsageRecord.output_tokens), 0), func.min(UsageRecord.recorded_at)).where(
-                UsageRecord.tenant_id == quota.tenant_id, UsageRecord.recorded_at >= since
-            )
+            select(
+                func.coalesce(func.sum(UsageRecord.input_tokens + UsageRecord.output_tokens), 0),
+                func.min(UsageRecord.recorded_at),
+            ).where(UsageRecord.tenant_id == quota.tenant_id, UsageRecord.recorded_at >= since)
         )
     ).one()
     reserved_expr = Invocation.request["sampling"]["max_tokens"].as_integer()
     reserved, oldest_reserved = (
         await session.execute(
             select(func.coalesce(func.sum(reserved_expr), 0), func.min(Invocation.accepted_at)).where(
-                Invocation.tenant_id == quota.tenant_id, Invocation.state.in_(IN_FLIGHT), Invocation.accepted_at >= since
+                Invocation.tenant_id == quota.tenant_id,
+                Invocation.state.in_(IN_FLIGHT),
+                Invocation.accepted_at >= since,
             )
         )
     ).one()

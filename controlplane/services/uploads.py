@@ -37,7 +37,9 @@ class AdapterSource:
     def check(self) -> None:
         given = sum((bool(self.files), self.archive is not None, bool(self.s3_uri)))
         if given != 1:
-            raise InvalidInput("send exactly one of: files (multipart, one per file), archive (a .tar.gz), s3_uri (s3://bucket/prefix)")
+            raise InvalidInput(
+                "send exactly one of: files (multipart, one per file), archive (a .tar.gz), s3_uri (s3://bucket/prefix)"
+            )
 
 
 @asynccontextmanager
@@ -78,7 +80,9 @@ class _Budget:
             while chunk := src.read(_CHUNK):
                 self.used += len(chunk)
                 if self.used > self.max_bytes:
-                    raise InvalidArtifact(f"{dest.name}: the upload is over the limit of {self.max_bytes} bytes", file=dest.name)
+                    raise InvalidArtifact(
+                        f"{dest.name}: the upload is over the limit of {self.max_bytes} bytes", file=dest.name
+                    )
                 out.write(chunk)
 
 
@@ -100,7 +104,9 @@ def stage_tarball(archive: BinaryIO, folder: Path, max_bytes: int) -> None:
             members = [m for m in tar.getmembers() if not m.isdir()]
             for m in members:
                 if not m.isfile():
-                    raise InvalidArtifact(f"{m.name}: links and special files are refused in an adapter archive", file=m.name)
+                    raise InvalidArtifact(
+                        f"{m.name}: links and special files are refused in an adapter archive", file=m.name
+                    )
             for m, name in zip(members, _flatten([m.name for m in members]), strict=True):
                 src = tar.extractfile(m)
                 if src is None:

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lorafaas.llama import LLAMA_MODULES, llama_module_dims
 from lorafaas.artifacts import ADAPTER_OPTIONAL, ADAPTER_REQUIRED
 from lorafaas.errors import InvalidArtifact
+from lorafaas.llama import LLAMA_MODULES, llama_module_dims
 from lorafaas.settings import LimitSettings
 
 CONFIG_FILE = "adapter_config.json"
@@ -31,7 +31,9 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 _DTYPES = {"F64": (np.float64, 8), "F32": (np.float32, 4), "F16": (np.float16, 2), "BF16": (np.uint16, 2)}
 _MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own cap on header size
 # PEFT names tensors base_model.model.model.layers.N.self_attn.q_proj.lora_A[.adapter].weight
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$"
+)
 _CHUNK_ELEMS = 1 << 22
 
 
@@ -49,9 +51,16 @@ class BackboneSpec:
         """(in_features, out_features) of each LoRA-targetable linear layer of a Llama block."""
         s = self.shape
         try:
-            hidden, heads, kv, inter = s["hidden_size"], s["num_attention_heads"], s["num_key_value_heads"], s["intermediate_size"]
+            hidden, heads, kv, inter = (
+                s["hidden_size"],
+                s["num_attention_heads"],
+                s["num_key_value_heads"],
+                s["intermediate_size"],
+            )
         except KeyError as e:
-            raise InvalidArtifact(f"backbone '{self.name}' has no {e.args[0]} in its recorded shape; re-register it with its shape") from e
+            raise InvalidArtifact(
+                f"backbone '{self.name}' has no {e.args[0]} in its recorded shape; re-register it with its shape"
+            ) from e
         return llama_module_dims(hidden, heads, kv, inter, s.get("head_dim"))
 
 
@@ -105,7 +114,10 @@ def _check_files(folder: Path, limits: LimitSettings) -> list[str]:
     kept = [n for n in (*ADAPTER_REQUIRED, *ADAPTER_OPTIONAL) if n in present]
     size = sum((folder / n).stat().st_size for n in kept)
     if size > limits.max_adapter_bytes:
-        raise InvalidArtifact(f"{WEIGHTS_FILE}: the adapter is {size} bytes, over the limit of {limits.max_adapter_bytes} bytes", file=WEIGHTS_FILE)
+        raise InvalidArtifact(
+            f"{WEIGHTS_FILE}: the adapter is {size} bytes, over the limit of {limits.max_adapter_bytes} bytes",
+            file=WEIGHTS_FILE,
+        )
     return kept
 
 
@@ -124,13 +136,17 @@ def _check_config(config: dict, backbone: BackboneSpec, limits: LimitSettings) -
     if config.get("peft_type", "LORA") != "LORA":
         raise InvalidArtifact(f"{CONFIG_FILE}: peft_type {config.get('peft_type')!r} is not LORA", file=CONFIG_FILE)
     if config.get("use_dora"):
-        raise InvalidArtifact(f"{CONFIG_FILE}: use_dora=true is not supported; train a plain LoRA adapter", file=CONFIG_FILE)
+        raise InvalidArtifact(
+            f"{CONFIG_FILE}: use_dora=true is not supported; train a plain LoRA adapter", file=CONFIG_FILE
+        )
     rank = config.get("r")
     rank_pattern = config.get("rank_pattern") or {}
     ranks = [rank, *rank_pattern.values()] if isinstance(rank_pattern, dict) else [rank]
     for r in ranks:
         if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= limits.max_adapter_rank:
-            raise InvalidArtifact(f"{CONFIG_FILE}: rank r={r!r} must be an integer in 1..{limits.max_adapter_rank}", file=CONFIG_FILE)
+            raise InvalidArtifact(
+                f"{CONFIG_FILE}: rank r={r!r} must be an integer in 1..{limits.max_adapter_rank}", file=CONFIG_FILE
+            )
     _check_base_model(config.get("base_model_name_or_path"), backbone)
     targets = _target_modules(config.get("target_modules"), backbone)
     return rank, targets, rank_pattern if isinstance(rank_pattern, dict) else {}
@@ -165,10 +181,15 @@ def _target_modules(value: object, backbone: BackboneSpec) -> set[str]:
     if isinstance(value, str):  # PEFT treats a string as a regex over module names
         matched = {m for m in backbone.modules if re.fullmatch(value, m) or re.search(rf"(^|\.){value}$", m)}
         if not matched:
-            raise InvalidArtifact(f"{CONFIG_FILE}: target_modules {value!r} matches no module of backbone '{backbone.name}'", file=CONFIG_FILE)
+            raise InvalidArtifact(
+                f"{CONFIG_FILE}: target_modules {value!r} matches no module of backbone '{backbone.name}'",
+                file=CONFIG_FILE,
+            )
         return matched
     if not isinstance(value, list) or not value or not all(isinstance(m, str) for m in value):
-        raise InvalidArtifact(f"{CONFIG_FILE}: target_modules must be a non-empty list of module names", file=CONFIG_FILE)
+        raise InvalidArtifact(
+            f"{CONFIG_FILE}: target_modules must be a non-empty list of module names", file=CONFIG_FILE
+        )
     unknown = sorted(set(value) - set(backbone.modules))
     if unknown:
         raise InvalidArtifact(
@@ -189,7 +210,9 @@ def read_safetensors_header(path: Path) -> list[TensorInfo]:
             raise InvalidArtifact(f"{name}: truncated: {size} bytes is shorter than a safetensors header", file=name)
         (header_len,) = struct.unpack("<Q", head)
         if header_len > _MAX_HEADER or 8 + header_len > size:
-            raise InvalidArtifact(f"{name}: truncated or not safetensors: header of {header_len} bytes in a {size}-byte file", file=name)
+            raise InvalidArtifact(
+                f"{name}: truncated or not safetensors: header of {header_len} bytes in a {size}-byte file", file=name
+            )
         raw = f.read(header_len)
     try:
         header = json.loads(raw)
@@ -210,17 +233,32 @@ def _tensor_info(file: str, key: str, entry: object, data_start: int, size: int)
         raise InvalidArtifact(f"{file}: tensor {key}: malformed header entry", file=file, tensor=key)
     dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
     if dtype not in _DTYPES:
-        raise InvalidArtifact(f"{file}: tensor {key}: dtype {dtype} is not a float type (F16, BF16, F32, F64)", file=file, tensor=key)
+        raise InvalidArtifact(
+            f"{file}: tensor {key}: dtype {dtype} is not a float type (F16, BF16, F32, F64)", file=file, tensor=key
+        )
     expected = int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype][1]
     if end - begin != expected or begin < 0:
-        raise InvalidArtifact(f"{file}: tensor {key}: {end - begin} bytes for shape {list(shape)} {dtype} (expected {expected})", file=file, tensor=key)
+        raise InvalidArtifact(
+            f"{file}: tensor {key}: {end - begin} bytes for shape {list(shape)} {dtype} (expected {expected})",
+            file=file,
+            tensor=key,
+        )
     if data_start + end > size:
-        raise InvalidArtifact(f"{file}: truncated: tensor {key} ends at byte {data_start + end} but the file has {size}", file=file, tensor=key)
+        raise InvalidArtifact(
+            f"{file}: truncated: tensor {key} ends at byte {data_start + end} but the file has {size}",
+            file=file,
+            tensor=key,
+        )
     return TensorInfo(key, dtype, shape, data_start + begin, data_start + end)
 
 
 def _check_tensors(
-    tensors: Iterable[TensorInfo], backbone: BackboneSpec, rank: int, targets: set[str], rank_pattern: dict[str, int], limits: LimitSettings
+    tensors: Iterable[TensorInfo],
+    backbone: BackboneSpec,
+    rank: int,
+    targets: set[str],
+    rank_pattern: dict[str, int],
+    limits: LimitSettings,
 ) -> None:
     dims = backbone.module_dims()
     layers = int(backbone.shape.get("num_hidden_layers") or 0)
@@ -228,14 +266,30 @@ def _check_tensors(
     for t in tensors:
         match = _KEY.match(t.name)
         if match is None:
-            raise InvalidArtifact(f"{WEIGHTS_FILE}: tensor {t.name}: not a LoRA A/B weight of a Llama linear layer", file=WEIGHTS_FILE, tensor=t.name)
+            raise InvalidArtifact(
+                f"{WEIGHTS_FILE}: tensor {t.name}: not a LoRA A/B weight of a Llama linear layer",
+                file=WEIGHTS_FILE,
+                tensor=t.name,
+            )
         layer, module, side = int(match.group(1)), match.group(3), match.group(4)
         if module not in dims:
-            raise InvalidArtifact(f"{WEIGHTS_FILE}: tensor {t.name}: module {module} does not exist in backbone '{backbone.name}'", file=WEIGHTS_FILE, tensor=t.name)
+            raise InvalidArtifact(
+                f"{WEIGHTS_FILE}: tensor {t.name}: module {module} does not exist in backbone '{backbone.name}'",
+                file=WEIGHTS_FILE,
+                tensor=t.name,
+            )
         if module not in targets:
-            raise InvalidArtifact(f"{WEIGHTS_FILE}: tensor {t.name}: module {module} is not in target_modules {sorted(targets)}", file=WEIGHTS_FILE, tensor=t.name)
+            raise InvalidArtifact(
+                f"{WEIGHTS_FILE}: tensor {t.name}: module {module} is not in target_modules {sorted(targets)}",
+                file=WEIGHTS_FILE,
+                tensor=t.name,
+            )
         if not 0 <= layer < layers:
-            raise InvalidArtifact(f"{WEIGHTS_FILE}: tensor {t.name}: layer {layer} does not exist (the backbone has {layers})", file=WEIGHTS_FILE, tensor=t.name)
+            raise InvalidArtifact(
+                f"{WEIGHTS_FILE}: tensor {t.name}: layer {layer} does not exist (the backbone has {layers})",
+                file=WEIGHTS_FILE,
+                tensor=t.name,
+            )
         r = _rank_for(t.name, rank, rank_pattern)
         fan_in, fan_out = dims[module]
         expected = (r, fan_in) if side == "A" else (fan_out, r)
@@ -250,7 +304,11 @@ def _check_tensors(
     for (layer, module), sides in sorted(seen.items()):
         if sides != {"A", "B"}:
             missing = "lora_B" if "A" in sides else "lora_A"
-            raise InvalidArtifact(f"{WEIGHTS_FILE}: layer {layer} {module} has no {missing} tensor", file=WEIGHTS_FILE, tensor=f"layers.{layer}.{module}")
+            raise InvalidArtifact(
+                f"{WEIGHTS_FILE}: layer {layer} {module} has no {missing} tensor",
+                file=WEIGHTS_FILE,
+                tensor=f"layers.{layer}.{module}",
+            )
 
 
 def _rank_for(key: str, rank: int, rank_pattern: dict[str, int]) -> int:
@@ -267,11 +325,13 @@ def _check_finite(path: Path, tensors: list[TensorInfo]) -> None:
     data = np.memmap(path, dtype=np.uint8, mode="r")
     try:
         for t in tensors:
-            np_dtype, width = _DTYPES[t.dtype]
-            values = data[t.start:t.end].view(np_dtype)
+            np_dtype, _width = _DTYPES[t.dtype]
+            values = data[t.start : t.end].view(np_dtype)
             for i in range(0, values.size, _CHUNK_ELEMS):
-                if not _all_finite(values[i:i + _CHUNK_ELEMS], t.dtype):
-                    raise InvalidArtifact(f"{path.name}: tensor {t.name}: holds NaN or infinite values", file=path.name, tensor=t.name)
+                if not _all_finite(values[i : i + _CHUNK_ELEMS], t.dtype):
+                    raise InvalidArtifact(
+                        f"{path.name}: tensor {t.name}: holds NaN or infinite values", file=path.name, tensor=t.name
+                    )
     finally:
         del data
 

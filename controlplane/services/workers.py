@@ -21,11 +21,24 @@ class WorkerStatus(StrEnum):
 async def record_heartbeat(session: AsyncSession, beat: WorkerHeartbeat) -> None:
     """Register or refresh a worker. The receive time (the database's clock) is what counts,
     so a worker with a skewed clock is judged like any other."""
-    values = dict(id=beat.worker_id, backbone=beat.backbone, device=beat.device, started_at=beat.started_at, status=WorkerStatus.ALIVE)
+    values = dict(
+        id=beat.worker_id,
+        backbone=beat.backbone,
+        device=beat.device,
+        started_at=beat.started_at,
+        status=WorkerStatus.ALIVE,
+    )
     stmt = insert(Worker).values(**values, last_heartbeat_at=func.now())
     stmt = stmt.on_conflict_do_update(
         index_elements=[Worker.id],
-        set_=dict(backbone=beat.backbone, device=beat.device, started_at=beat.started_at, status=WorkerStatus.ALIVE, last_heartbeat_at=func.now(), dead_at=None),
+        set_=dict(
+            backbone=beat.backbone,
+            device=beat.device,
+            started_at=beat.started_at,
+            status=WorkerStatus.ALIVE,
+            last_heartbeat_at=func.now(),
+            dead_at=None,
+        ),
     )
     await session.execute(stmt)
 
@@ -47,5 +60,3 @@ async def list_workers(session: AsyncSession, status: str | None = None) -> list
     if status is not None:
         query = query.where(Worker.status == status)
     return list(await session.scalars(query))
-
-

@@ -37,7 +37,11 @@ _KEY = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(\w+)\.(
 def module_dims(config: Any) -> dict[str, tuple[int, int]]:
     """(in_features, out_features) of every LoRA-targetable linear layer of a Llama config."""
     return llama_module_dims(
-        config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.intermediate_size, getattr(config, "head_dim", None)
+        config.hidden_size,
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.intermediate_size,
+        getattr(config, "head_dim", None),
     )
 
 
@@ -56,7 +60,9 @@ class LoraSlice:
 class AdapterWeights:
     """A validated LoRA adapter on the host: one flat tensor plus its layout."""
 
-    def __init__(self, flat: torch.Tensor, layout: tuple[LoraSlice, ...], rank: int, scaling: float, source: str = "") -> None:
+    def __init__(
+        self, flat: torch.Tensor, layout: tuple[LoraSlice, ...], rank: int, scaling: float, source: str = ""
+    ) -> None:
         self.flat = flat
         self.layout = layout
         self.rank = rank
@@ -78,7 +84,9 @@ class AdapterWeights:
             self.flat = self.flat.pin_memory()
         return self
 
-    def lora_pair(self, layer: int, module: str, flat: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def lora_pair(
+        self, layer: int, module: str, flat: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Views (A r x in, B out x r) of one (layer, module) inside ``flat`` (default: the host copy)."""
         flat = self.flat if flat is None else flat
         for s in self.layout:
@@ -139,9 +147,7 @@ def _rank_and_scaling(cfg: dict[str, Any], path: Path) -> tuple[int, float]:
 
 
 def _backbone_module_names(model_config: Any) -> list[str]:
-    return [
-        f"model.layers.{i}.{_PARENT[m]}.{m}" for i in range(model_config.num_hidden_layers) for m in MODULES
-    ]
+    return [f"model.layers.{i}.{_PARENT[m]}.{m}" for i in range(model_config.num_hidden_layers) for m in MODULES]
 
 
 def _check_targets(targets: Any, model_config: Any, path: Path) -> None:
@@ -154,7 +160,9 @@ def _check_targets(targets: Any, model_config: Any, path: Path) -> None:
     if isinstance(targets, str):
         # PEFT treats a string as a regex matched against full module names.
         if not any(re.fullmatch(targets, n) for n in names):
-            raise InvalidArtifact(f"{path.name}: target_modules regex {targets!r} matches no backbone module", file=str(path))
+            raise InvalidArtifact(
+                f"{path.name}: target_modules regex {targets!r} matches no backbone module", file=str(path)
+            )
         return
     if not isinstance(targets, list) or not targets:
         raise InvalidArtifact(f"{path.name}: target_modules must be a non-empty list, got {targets!r}", file=str(path))
@@ -196,10 +204,14 @@ def _group_pairs(
     for name, tensor in tensors.items():
         match = _KEY.match(name)
         if match is None:
-            raise InvalidArtifact(f"{path.name}: tensor {name!r} is not a LoRA A/B weight of a decoder layer", file=str(path), tensor=name)
+            raise InvalidArtifact(
+                f"{path.name}: tensor {name!r} is not a LoRA A/B weight of a decoder layer", file=str(path), tensor=name
+            )
         layer, parent, module, which = int(match[1]), match[2], match[3], match[4]
         if module not in _PARENT or _PARENT[module] != parent:
-            raise InvalidArtifact(f"{path.name}: tensor {name!r} targets unknown module {parent}.{module}", file=str(path), tensor=name)
+            raise InvalidArtifact(
+                f"{path.name}: tensor {name!r} targets unknown module {parent}.{module}", file=str(path), tensor=name
+            )
         if layer >= model_config.num_hidden_layers:
             raise InvalidArtifact(
                 f"{path.name}: tensor {name!r} targets layer {layer}; the backbone has {model_config.num_hidden_layers}",
@@ -210,19 +222,27 @@ def _group_pairs(
     return pairs
 
 
-def _check_pairs(pairs: dict[tuple[int, str], dict[str, tuple[str, torch.Tensor]]], rank: int, model_config: Any, path: Path) -> None:
+def _check_pairs(
+    pairs: dict[tuple[int, str], dict[str, tuple[str, torch.Tensor]]], rank: int, model_config: Any, path: Path
+) -> None:
     """Both halves present, shapes A: r x in and B: out x r, floating point, finite."""
     dims = module_dims(model_config)
-    for (layer, module), halves in pairs.items():
+    for (_layer, module), halves in pairs.items():
         fan_in, fan_out = dims[module]
         expected = {"A": (rank, fan_in), "B": (fan_out, rank)}
         for which in ("A", "B"):
             if which not in halves:
                 other = next(iter(halves.values()))[0]
-                raise InvalidArtifact(f"{path.name}: lora_{which} is missing for {other!r}", file=str(path), tensor=other)
+                raise InvalidArtifact(
+                    f"{path.name}: lora_{which} is missing for {other!r}", file=str(path), tensor=other
+                )
             name, tensor = halves[which]
             if not tensor.is_floating_point():
-                raise InvalidArtifact(f"{path.name}: tensor {name!r} has dtype {tensor.dtype}, not floating point", file=str(path), tensor=name)
+                raise InvalidArtifact(
+                    f"{path.name}: tensor {name!r} has dtype {tensor.dtype}, not floating point",
+                    file=str(path),
+                    tensor=name,
+                )
             if tuple(tensor.shape) != expected[which]:
                 raise InvalidArtifact(
                     f"{path.name}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {expected[which]}",
@@ -230,10 +250,14 @@ def _check_pairs(pairs: dict[tuple[int, str], dict[str, tuple[str, torch.Tensor]
                     tensor=name,
                 )
             if not bool(torch.isfinite(tensor).all()):
-                raise InvalidArtifact(f"{path.name}: tensor {name!r} holds NaN or Inf values", file=str(path), tensor=name)
+                raise InvalidArtifact(
+                    f"{path.name}: tensor {name!r} holds NaN or Inf values", file=str(path), tensor=name
+                )
 
 
-def _pack(pairs: dict[tuple[int, str], dict[str, tuple[str, torch.Tensor]]], model_config: Any) -> tuple[torch.Tensor, tuple[LoraSlice, ...]]:
+def _pack(
+    pairs: dict[tuple[int, str], dict[str, tuple[str, torch.Tensor]]], model_config: Any
+) -> tuple[torch.Tensor, tuple[LoraSlice, ...]]:
     """Concatenate A and B of each (layer, module), in model order, into one flat vector."""
     dims = module_dims(model_config)
     dtypes = {t.dtype for halves in pairs.values() for _, t in halves.values()}

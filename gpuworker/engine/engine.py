@@ -13,8 +13,9 @@ import logging
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -134,7 +135,11 @@ class LoraEngine:
     def _check_fits_backbone(self, adapter_id: str, weights: AdapterWeights) -> None:
         dims = module_dims(self.config)
         for s in weights.layout:
-            if s.module not in MODULES or s.layer >= self.config.num_hidden_layers or (s.in_features, s.out_features) != dims[s.module]:
+            if (
+                s.module not in MODULES
+                or s.layer >= self.config.num_hidden_layers
+                or (s.in_features, s.out_features) != dims[s.module]
+            ):
                 raise InvalidArtifact(
                     f"adapter {adapter_id!r} was built for another backbone ({s.module} of layer {s.layer})",
                     file=weights.source,

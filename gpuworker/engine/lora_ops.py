@@ -18,8 +18,8 @@ step only runs the ops above.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -162,7 +162,10 @@ class LoraBatchBuilder:
         groups: dict[tuple[int, str], list[RankGroup]] = {}
         for layer in range(self.num_layers):
             for site, modules in SITES.items():
-                runs = _runs(adapters, lambda a: (metas[a].rank, len(by_adapter[a]), tuple(m for m in modules if (layer, m) in slices[a])))
+                runs = _runs(
+                    adapters,
+                    lambda a: (metas[a].rank, len(by_adapter[a]), tuple(m for m in modules if (layer, m) in slices[a])),  # noqa: B023 (called at once)
+                )
                 groups[(layer, site)] = [
                     self._group(layer, site, key, ids, start, metas, flats) for key, ids, start in runs if key[2]
                 ]

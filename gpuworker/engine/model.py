@@ -16,8 +16,8 @@ order, so decode permutes q into slot order and the attention output back, two s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

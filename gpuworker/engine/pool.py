@@ -239,7 +239,9 @@ class ContiguousAllocator:
     def load(self, key: str, size: int) -> list[str]:
         """Place ``key``; evict the coldest adapters until a hole fits. Returns the evicted keys."""
         if size > self.capacity:
-            raise PoolFullError(f"{size} units exceed the buffer's {self.capacity}", needed=size, available=self.capacity)
+            raise PoolFullError(
+                f"{size} units exceed the buffer's {self.capacity}", needed=size, available=self.capacity
+            )
         evicted: list[str] = []
         offset = self._first_fit(size)
         while offset is None:

@@ -11,7 +11,7 @@ import pytest_asyncio
 from fastapi import FastAPI
 
 from controlplane.main import create_app
-from lorafaas.platform import publish_backbone
+from launcher.platform import publish_backbone
 from lorafaas.settings import Settings
 
 
@@ -26,12 +26,19 @@ async def cp_app(settings: Settings, backbone_dir: Path) -> AsyncIterator[FastAP
 @pytest_asyncio.fixture(loop_scope="session", scope="session")
 async def admin_client(cp_app: FastAPI, settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     headers = {"Authorization": f"Bearer {settings.admin_token}"}
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=cp_app), base_url="http://cp", headers=headers, timeout=30) as client:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=cp_app), base_url="http://cp", headers=headers, timeout=30
+    ) as client:
         yield client
 
 
 def tenant_client(app: FastAPI, secret: str) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://cp", headers={"Authorization": f"Bearer {secret}"}, timeout=30)
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app),
+        base_url="http://cp",
+        headers={"Authorization": f"Bearer {secret}"},
+        timeout=30,
+    )
 
 
 async def new_tenant(admin: httpx.AsyncClient, prefix: str, **quotas: int) -> tuple[str, str]:

@@ -14,11 +14,11 @@ from fastapi import FastAPI
 from controlplane.db.session import make_engine, make_sessionmaker
 from controlplane.services import catalog, invocations, ledger
 from gateway.quotas import QuotaGuard
+from launcher.platform import admin
 from lorafaas import wire
 from lorafaas.errors import LorafaasError, PaymentRequired, QuotaExceeded
 from lorafaas.http_errors import install_error_handlers
 from lorafaas.names import Names
-from lorafaas.platform import admin
 from lorafaas.settings import Settings
 from tests.controlplane.conftest import new_tenant, register, tenant_client
 
@@ -32,7 +32,9 @@ async def _accept(settings: Settings, tenant_id: str, guard: QuotaGuard, max_tok
         async with make_sessionmaker(engine).begin() as session:
             await guard.check(session, await guard.quota(session, tenant_id), max_tokens)
             served = await catalog.served_function(session, tenant_id, "fn")
-            row = await invocations.accept(session, served, "hi", wire.SamplingParams(max_tokens=max_tokens), wire.InvocationMode.SYNC)
+            row = await invocations.accept(
+                session, served, "hi", wire.SamplingParams(max_tokens=max_tokens), wire.InvocationMode.SYNC
+            )
             return row.id
     finally:
         await engine.dispose()
@@ -41,8 +43,19 @@ async def _accept(settings: Settings, tenant_id: str, guard: QuotaGuard, max_tok
 async def _finish(settings: Settings, tenant_id: str, invocation_id: str, tokens: int) -> None:
     async with admin(settings) as a:
         served = await catalog.served_function(a.session, tenant_id, "fn")
-        await invocations.apply_result(a.session, wire.InvocationResult(invocation_id=invocation_id, status=wire.ResultStatus.SUCCEEDED))
-        await ledger.record_usage(a.session, wire.UsageEvent(invocation_id=invocation_id, tenant_id=tenant_id, function_id=served.function.id, input_tokens=tokens, output_tokens=0))
+        await invocations.apply_result(
+            a.session, wire.InvocationResult(invocation_id=invocation_id, status=wire.ResultStatus.SUCCEEDED)
+        )
+        await ledger.record_usage(
+            a.session,
+            wire.UsageEvent(
+                invocation_id=invocation_id,
+                tenant_id=tenant_id,
+                function_id=served.function.id,
+                input_tokens=tokens,
+                output_tokens=0,
+            ),
+        )
 
 
 async def _tenant_with_fn(cp_app: FastAPI, admin_client, adapter: Path, prefix: str, **quotas: int) -> str:
@@ -65,7 +78,9 @@ async def _http_answer(error: LorafaasError) -> httpx.Response:
         return await c.get("/")
 
 
-async def test_spend_cap_is_402(cp_app: FastAPI, admin_client, settings: Settings, adapter_dirs: dict[str, Path]) -> None:
+async def test_spend_cap_is_402(
+    cp_app: FastAPI, admin_client, settings: Settings, adapter_dirs: dict[str, Path]
+) -> None:
     tenant_id = await _tenant_with_fn(cp_app, admin_client, adapter_dirs["a8"], "spend")
     fns = (await admin_client.get(f"/admin/functions?tenant_id={tenant_id}")).json()["data"]
     await admin_client.patch(f"/admin/functions/{fns[0]['id']}", json={"price_input_micros_per_1m": 1_000_000})
@@ -79,7 +94,9 @@ async def test_spend_cap_is_402(cp_app: FastAPI, admin_client, settings: Setting
     assert r.status_code == 402 and "monthly spend cap of $0.00001 reached" in r.json()["error"]["message"]
 
 
-async def test_concurrency_and_tokens_per_minute_are_429_with_retry_after(cp_app: FastAPI, admin_client, settings: Settings, adapter_dirs: dict[str, Path]) -> None:
+async def test_concurrency_and_tokens_per_minute_are_429_with_retry_after(
+    cp_app: FastAPI, admin_client, settings: Settings, adapter_dirs: dict[str, Path]
+) -> None:
     tenant_id = await _tenant_with_fn(cp_app, admin_client, adapter_dirs["a8"], "conc", max_concurrency=2)
     guard = QuotaGuard(settings.controlplane)
     running = [await _accept(settings, tenant_id, guard) for _ in range(2)]
@@ -100,7 +117,9 @@ async def test_concurrency_and_tokens_per_minute_are_429_with_retry_after(cp_app
     await _accept(settings, tpm, guard, max_tokens=40)
 
 
-async def test_a_quota_change_reaches_the_gateway_cache_at_once(cp_app: FastAPI, admin_client, settings: Settings, adapter_dirs: dict[str, Path]) -> None:
+async def test_a_quota_change_reaches_the_gateway_cache_at_once(
+    cp_app: FastAPI, admin_client, settings: Settings, adapter_dirs: dict[str, Path]
+) -> None:
     tenant_id = await _tenant_with_fn(cp_app, admin_client, adapter_dirs["a8"], "inval")
     guard = QuotaGuard(settings.controlplane.model_copy(update={"quota_cache_ttl_s": 3600}))  # only NATS can refresh it
     nc = await nats.connect(settings.nats.url)
@@ -108,7 +127,9 @@ async def test_a_quota_change_reaches_the_gateway_cache_at_once(cp_app: FastAPI,
         await guard.listen(nc, Names(settings.nats.prefix))
         await nc.flush()
         await _accept(settings, tenant_id, guard)  # caches "unlimited"
-        assert (await admin_client.patch(f"/admin/tenants/{tenant_id}/quotas", json={"max_concurrency": 1})).status_code == 200
+        assert (
+            await admin_client.patch(f"/admin/tenants/{tenant_id}/quotas", json={"max_concurrency": 1})
+        ).status_code == 200
         for _ in range(20):  # well within a second
             if tenant_id not in guard._cache:
                 break

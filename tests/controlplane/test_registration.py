@@ -17,8 +17,8 @@ from safetensors.numpy import load_file, save_file
 from sqlalchemy import func, select
 
 from controlplane.db.models import AdapterArtifact, Function
+from launcher.platform import admin
 from lorafaas.artifacts import ArtifactStore
-from lorafaas.platform import admin
 from lorafaas.settings import Settings
 from tests.controlplane.conftest import new_tenant, register, tenant_client
 
@@ -71,10 +71,16 @@ def _oversize(folder: Path) -> None:
 BAD = {
     "pickle": (_pickle, "adapter_model.bin: pickle weights are refused"),
     "wrong-shape": (_edit_tensors(_wrong_shape), f"{WEIGHTS}: tensor {Q_A}: shape [8, 32] does not match [8, 64]"),
-    "unknown-module": (_edit_config(target_modules=["q_proj", "v_proj", "foo_proj"]), "target module(s) ['foo_proj'] do not exist"),
+    "unknown-module": (
+        _edit_config(target_modules=["q_proj", "v_proj", "foo_proj"]),
+        "target module(s) ['foo_proj'] do not exist",
+    ),
     "rank-too-high": (_edit_config(r=256), "rank r=256 must be an integer in 1..128"),
     "nan": (_edit_tensors(_nan), f"tensor {Q_A}: holds NaN or infinite values"),
-    "wrong-base-model": (_edit_config(base_model_name_or_path="meta-llama/Llama-2-7b-hf"), "base_model_name_or_path 'meta-llama/Llama-2-7b-hf' does not match backbone 'tiny'"),
+    "wrong-base-model": (
+        _edit_config(base_model_name_or_path="meta-llama/Llama-2-7b-hf"),
+        "base_model_name_or_path 'meta-llama/Llama-2-7b-hf' does not match backbone 'tiny'",
+    ),
     "oversize": (_oversize, "over the limit of 100000 bytes"),
     "truncated": (_truncate, f"{WEIGHTS}: truncated"),
 }
@@ -84,13 +90,27 @@ async def _nothing_stored(settings: Settings, tenant_id: str) -> None:
     store = ArtifactStore(settings.s3)
     assert not list(store.client.list_objects(store.bucket, prefix=f"tenants/{tenant_id}/", recursive=True))
     async with admin(settings) as a:
-        assert await a.session.scalar(select(func.count()).select_from(Function).where(Function.tenant_id == tenant_id)) == 0
-        assert await a.session.scalar(select(func.count()).select_from(AdapterArtifact).where(AdapterArtifact.tenant_id == tenant_id)) == 0
+        assert (
+            await a.session.scalar(select(func.count()).select_from(Function).where(Function.tenant_id == tenant_id))
+            == 0
+        )
+        assert (
+            await a.session.scalar(
+                select(func.count()).select_from(AdapterArtifact).where(AdapterArtifact.tenant_id == tenant_id)
+            )
+            == 0
+        )
 
 
 @pytest.mark.parametrize("case", list(BAD))
 async def test_bad_adapter_is_422_and_leaves_nothing(
-    case: str, cp_app: FastAPI, admin_client, settings: Settings, adapter_dirs: dict[str, Path], tmp_path: Path, monkeypatch
+    case: str,
+    cp_app: FastAPI,
+    admin_client,
+    settings: Settings,
+    adapter_dirs: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch,
 ) -> None:
     edit, message = BAD[case]
     folder = tmp_path / case
@@ -98,7 +118,11 @@ async def test_bad_adapter_is_422_and_leaves_nothing(
     edit(folder)
     if case == "oversize":
         runtime = cp_app.state.runtime
-        monkeypatch.setattr(runtime, "settings", settings.model_copy(update={"limits": settings.limits.model_copy(update={"max_adapter_bytes": 100_000})}))
+        monkeypatch.setattr(
+            runtime,
+            "settings",
+            settings.model_copy(update={"limits": settings.limits.model_copy(update={"max_adapter_bytes": 100_000})}),
+        )
     tenant_id, secret = await new_tenant(admin_client, f"bad-{case}")
     async with tenant_client(cp_app, secret) as client:
         r = await register(client, "fn", folder)
@@ -115,19 +139,32 @@ def _tarball(folder: Path) -> bytes:
     return buf.getvalue()
 
 
-async def test_register_by_files_tarball_and_s3_then_roll_back(cp_app: FastAPI, admin_client, settings: Settings, adapter_dirs: dict[str, Path]) -> None:
+async def test_register_by_files_tarball_and_s3_then_roll_back(
+    cp_app: FastAPI, admin_client, settings: Settings, adapter_dirs: dict[str, Path]
+) -> None:
     tenant_id, secret = await new_tenant(admin_client, "versions")
     async with tenant_client(cp_app, secret) as client:
         r = await register(client, "fn", adapter_dirs["a8"])
         assert r.status_code == 201, r.text
         v1 = r.json()
         assert (v1["version"], v1["rank"], v1["backbone"]) == (1, 8, "tiny")
-        r = await client.post("/v1/functions", data={"name": "fn", "backbone": "tiny"}, files={"archive": ("a.tar.gz", _tarball(adapter_dirs["b16"]))})
+        r = await client.post(
+            "/v1/functions",
+            data={"name": "fn", "backbone": "tiny"},
+            files={"archive": ("a.tar.gz", _tarball(adapter_dirs["b16"]))},
+        )
         assert r.status_code == 201, r.text
         assert (r.json()["version"], r.json()["rank"]) == (2, 16)
         # The tenant's own stored prefix is a valid s3:// source; a third version from it.
         store = ArtifactStore(settings.s3)
-        r = await client.post("/v1/functions", data={"name": "fn", "backbone": "tiny", "s3_uri": f"s3://{store.bucket}/tenants/{tenant_id}/adapters/{v1['sha256']}"})
+        r = await client.post(
+            "/v1/functions",
+            data={
+                "name": "fn",
+                "backbone": "tiny",
+                "s3_uri": f"s3://{store.bucket}/tenants/{tenant_id}/adapters/{v1['sha256']}",
+            },
+        )
         assert r.status_code == 201, r.text
         assert (r.json()["version"], r.json()["sha256"]) == (3, v1["sha256"])
         versions = (await client.get("/v1/functions/fn/versions")).json()["data"]
@@ -142,7 +179,9 @@ async def test_register_by_files_tarball_and_s3_then_roll_back(cp_app: FastAPI, 
         assert [f["name"] for f in listed] == ["fn"]
 
 
-async def test_registration_needs_the_manage_scope(cp_app: FastAPI, admin_client, adapter_dirs: dict[str, Path]) -> None:
+async def test_registration_needs_the_manage_scope(
+    cp_app: FastAPI, admin_client, adapter_dirs: dict[str, Path]
+) -> None:
     tenant_id, _ = await new_tenant(admin_client, "scopes")
     r = await admin_client.post(f"/admin/tenants/{tenant_id}/keys", json={"scopes": ["invoke"]})
     async with tenant_client(cp_app, r.json()["secret"]) as client:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import nats
@@ -14,9 +14,9 @@ from sqlalchemy import select
 
 from controlplane.db.models import UsageRecord
 from controlplane.services import catalog, invocations, ledger
+from launcher.platform import admin
 from lorafaas import wire
 from lorafaas.names import Names
-from lorafaas.platform import admin
 from lorafaas.settings import Settings
 from tests.controlplane.conftest import new_tenant, register, tenant_client
 
@@ -40,7 +40,7 @@ async def test_key_lifecycle_over_http(cp_app: FastAPI, admin_client) -> None:
         r = await client.get("/v1/functions")
         assert r.status_code == 401 and "revoked" in r.json()["error"]["message"]
         assert time.monotonic() - revoked_at < 1.0
-    past = (datetime.now(timezone.utc) - timedelta(seconds=1)).isoformat()
+    past = (datetime.now(UTC) - timedelta(seconds=1)).isoformat()
     expired = (await admin_client.post(f"/admin/tenants/{tenant_id}/keys", json={"expires_at": past})).json()["secret"]
     async with tenant_client(cp_app, expired) as client:
         assert (await client.get("/v1/functions")).status_code == 401
@@ -54,26 +54,49 @@ async def test_key_lifecycle_over_http(cp_app: FastAPI, admin_client) -> None:
         assert (await client.get("/v1/functions")).status_code == 200
 
 
-async def _invoke_and_settle(settings: Settings, tenant_id: str, name: str, tokens: tuple[int, int], device_ns: int = 0) -> str:
+async def _invoke_and_settle(
+    settings: Settings, tenant_id: str, name: str, tokens: tuple[int, int], device_ns: int = 0
+) -> str:
     """An accepted invocation with its usage recorded, as the event consumer would leave it."""
     async with admin(settings) as a:
         served = await catalog.served_function(a.session, tenant_id, name)
-        row = await invocations.accept(a.session, served, "hi", wire.SamplingParams(max_tokens=4), wire.InvocationMode.SYNC)
-        result = wire.InvocationResult(invocation_id=row.id, status=wire.ResultStatus.SUCCEEDED, prompt_tokens=tokens[0], completion_tokens=tokens[1])
+        row = await invocations.accept(
+            a.session, served, "hi", wire.SamplingParams(max_tokens=4), wire.InvocationMode.SYNC
+        )
+        result = wire.InvocationResult(
+            invocation_id=row.id,
+            status=wire.ResultStatus.SUCCEEDED,
+            prompt_tokens=tokens[0],
+            completion_tokens=tokens[1],
+        )
         await invocations.apply_result(a.session, result)
-        usage = wire.UsageEvent(invocation_id=row.id, tenant_id=tenant_id, function_id=served.function.id, input_tokens=tokens[0], output_tokens=tokens[1], device_ns=device_ns)
+        usage = wire.UsageEvent(
+            invocation_id=row.id,
+            tenant_id=tenant_id,
+            function_id=served.function.id,
+            input_tokens=tokens[0],
+            output_tokens=tokens[1],
+            device_ns=device_ns,
+        )
         await ledger.record_usage(a.session, usage)
         return row.id
 
 
-async def test_tenant_b_sees_nothing_of_tenant_a(cp_app: FastAPI, admin_client, settings: Settings, adapter_dirs: dict[str, Path]) -> None:
+async def test_tenant_b_sees_nothing_of_tenant_a(
+    cp_app: FastAPI, admin_client, settings: Settings, adapter_dirs: dict[str, Path]
+) -> None:
     a_id, a_key = await new_tenant(admin_client, "iso-a")
-    b_id, b_key = await new_tenant(admin_client, "iso-b")
+    _b_id, b_key = await new_tenant(admin_client, "iso-b")
     async with tenant_client(cp_app, a_key) as a, tenant_client(cp_app, b_key) as b:
         fn = (await register(a, "secret-fn", adapter_dirs["a8"])).json()
         await _invoke_and_settle(settings, a_id, "secret-fn", (5, 3))
-        for path in ("/v1/functions/secret-fn", "/v1/functions/secret-fn/versions", "/v1/functions/secret-fn/versions/1",
-                     "/v1/invocations?function=secret-fn", f"/v1/usage?start_time={int(time.time()) - 3600}&function=secret-fn"):
+        for path in (
+            "/v1/functions/secret-fn",
+            "/v1/functions/secret-fn/versions",
+            "/v1/functions/secret-fn/versions/1",
+            "/v1/invocations?function=secret-fn",
+            f"/v1/usage?start_time={int(time.time()) - 3600}&function=secret-fn",
+        ):
             r = await b.get(path)
             assert r.status_code == 404, (path, r.text)
         assert (await b.post("/v1/functions/secret-fn/rollback", json={"version": 1})).status_code == 404
@@ -83,31 +106,48 @@ async def test_tenant_b_sees_nothing_of_tenant_a(cp_app: FastAPI, admin_client, 
         assert r.status_code == 422 and "no adapter files" in r.json()["error"]["message"]
         assert (await b.get("/v1/functions")).json()["data"] == []
         assert (await b.get("/v1/invocations")).json()["data"] == []
-        month = f"{datetime.now(timezone.utc):%Y-%m}"
+        month = f"{datetime.now(UTC):%Y-%m}"
         assert (await b.get(f"/v1/bills/{month}")).json()["lines"] == []
         usage = (await b.get(f"/v1/usage?start_time={int(time.time()) - 3600}")).json()
         assert all(bucket["results"] == [] for bucket in usage["data"])
         assert len((await a.get("/v1/invocations?function=secret-fn&state=succeeded")).json()["data"]) == 1
 
 
-async def test_bill_usage_and_margin_are_exact_sums(cp_app: FastAPI, admin_client, settings: Settings, adapter_dirs: dict[str, Path]) -> None:
+async def test_bill_usage_and_margin_are_exact_sums(
+    cp_app: FastAPI, admin_client, settings: Settings, adapter_dirs: dict[str, Path]
+) -> None:
     tenant_id, key = await new_tenant(admin_client, "bill")
     async with tenant_client(cp_app, key) as client:
         for name, adapter in (("f1", "a8"), ("f2", "b16")):
             assert (await register(client, name, adapter_dirs[adapter])).status_code == 201
-        fns = {f["name"]: f["id"] for f in (await admin_client.get(f"/admin/functions?tenant_id={tenant_id}")).json()["data"]}
-        r = await admin_client.patch(f"/admin/functions/{fns['f1']}", json={"price_input_micros_per_1m": 150_000, "price_output_micros_per_1m": 600_000})
+        fns = {
+            f["name"]: f["id"]
+            for f in (await admin_client.get(f"/admin/functions?tenant_id={tenant_id}")).json()["data"]
+        }
+        r = await admin_client.patch(
+            f"/admin/functions/{fns['f1']}",
+            json={"price_input_micros_per_1m": 150_000, "price_output_micros_per_1m": 600_000},
+        )
         assert r.status_code == 200
-        await admin_client.patch(f"/admin/functions/{fns['f2']}", json={"price_input_micros_per_1m": 333_333, "price_output_micros_per_1m": 777_777})
+        await admin_client.patch(
+            f"/admin/functions/{fns['f2']}",
+            json={"price_input_micros_per_1m": 333_333, "price_output_micros_per_1m": 777_777},
+        )
         for i in range(7):
-            await _invoke_and_settle(settings, tenant_id, "f1" if i % 2 else "f2", (11 + i, 3 + i), device_ns=123_456_789 + i)
-        month = f"{datetime.now(timezone.utc):%Y-%m}"
+            await _invoke_and_settle(
+                settings, tenant_id, "f1" if i % 2 else "f2", (11 + i, 3 + i), device_ns=123_456_789 + i
+            )
+        month = f"{datetime.now(UTC):%Y-%m}"
         bill = (await client.get(f"/v1/bills/{month}")).json()
         usage = (await client.get(f"/v1/usage?start_time={int(time.time()) - 7200}&bucket_width=1h")).json()
     async with admin(settings) as a:
         records = (await a.session.scalars(select(UsageRecord).where(UsageRecord.tenant_id == tenant_id))).all()
     assert len(records) == 7
-    assert bill["total_picousd"] == sum(r.amount_picousd for r in records) == sum(line["amount_picousd"] for line in bill["lines"])
+    assert (
+        bill["total_picousd"]
+        == sum(r.amount_picousd for r in records)
+        == sum(line["amount_picousd"] for line in bill["lines"])
+    )
     assert {line["function"] for line in bill["lines"]} == {"f1", "f2"}
     results = [res for bucket in usage["data"] for res in bucket["results"]]
     assert sum(res["amount_picousd"] for res in results) == bill["total_picousd"]
@@ -122,10 +162,12 @@ async def test_bill_usage_and_margin_are_exact_sums(cp_app: FastAPI, admin_clien
     assert [t["tenant_id"] for t in report["by_tenant"]] == [tenant_id] and len(report["by_function"]) == 2
 
 
-async def test_heartbeat_registers_a_worker_and_silence_marks_it_dead(cp_app: FastAPI, admin_client, settings: Settings) -> None:
+async def test_heartbeat_registers_a_worker_and_silence_marks_it_dead(
+    cp_app: FastAPI, admin_client, settings: Settings
+) -> None:
     registry = cp_app.state.registry
     nc = await nats.connect(settings.nats.url)
-    beat = wire.WorkerHeartbeat(worker_id="registry-w1", backbone="tiny", device="cpu", started_at=datetime.now(timezone.utc))
+    beat = wire.WorkerHeartbeat(worker_id="registry-w1", backbone="tiny", device="cpu", started_at=datetime.now(UTC))
     try:
         await nc.publish(Names(settings.nats.prefix).heartbeat_subject, beat.encode())
         await nc.flush()

@@ -22,12 +22,14 @@ async def main(url: str, prefix: str, backbone: str, ack_wait_s: float, max_deli
     js = nc.jetstream()
     names = Names(prefix)
     await ensure_streams(js, names)
-    sub = await pull_invocations(js, names, backbone, NatsSettings(url=url, prefix=prefix, ack_wait_s=ack_wait_s, max_deliver=max_deliver))
+    sub = await pull_invocations(
+        js, names, backbone, NatsSettings(url=url, prefix=prefix, ack_wait_s=ack_wait_s, max_deliver=max_deliver)
+    )
     print("ready", flush=True)
     while True:
         try:
             msgs = await sub.fetch(batch=1, timeout=1.0)
-        except (NatsTimeout, asyncio.TimeoutError):  # nats-py raises either
+        except (TimeoutError, NatsTimeout):  # nats-py raises either
             continue
         print("took", Invocation.decode(msgs[0].data).invocation_id, flush=True)
         await asyncio.sleep(3600)  # holds the message, unacked, until killed

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 
 from controlplane.db.models import Invocation, InvocationState, UsageRecord
 from controlplane.services import keys
-from lorafaas.platform import admin
+from launcher.platform import admin
 from tests.support.platform import PRICE_IN, PRICE_OUT, Platform
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
@@ -22,7 +22,7 @@ PROMPTS = ["the quick brown fox", "tenants register functions and pay for every 
 MAX_TOKENS = 12
 
 
-@lru_cache(maxsize=None)
+@cache
 def reference(backbone_dir: Path, adapter_dir: Path, prompt: str, max_tokens: int) -> tuple[str, int, int]:
     """Greedy generation by transformers + peft with the adapter loaded directly."""
     from peft import PeftModel
@@ -33,8 +33,10 @@ def reference(backbone_dir: Path, adapter_dir: Path, prompt: str, max_tokens: in
     model = PeftModel.from_pretrained(model, adapter_dir).eval()
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     with torch.inference_mode():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False)
-    new = out[0, ids.shape[1]:]
+        out = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False
+        )
+    new = out[0, ids.shape[1] :]
     return tokenizer.decode(new, skip_special_tokens=True), ids.shape[1], len(new)
 
 
@@ -45,12 +47,16 @@ async def _invoke(platform: Platform, tenant: str, function: str, prompt: str, m
 
 async def test_answers_are_token_identical_to_transformers_peft(platform: Platform, backbone_dir: Path) -> None:
     calls = [(name, prompt) for name in platform.functions for prompt in PROMPTS]
-    responses = await asyncio.gather(*(_invoke(platform, platform.functions[name][0], name, prompt) for name, prompt in calls))
+    responses = await asyncio.gather(
+        *(_invoke(platform, platform.functions[name][0], name, prompt) for name, prompt in calls)
+    )
     texts = {}
     for (name, prompt), response in zip(calls, responses):
         assert response.status_code == 200, response.text
         body = response.json()
-        expected_text, prompt_tokens, completion_tokens = reference(backbone_dir, platform.functions[name][1], prompt, MAX_TOKENS)
+        expected_text, prompt_tokens, completion_tokens = reference(
+            backbone_dir, platform.functions[name][1], prompt, MAX_TOKENS
+        )
         assert body["text"] == expected_text, (name, prompt)
         assert body["usage"]["prompt_tokens"] == prompt_tokens
         assert body["usage"]["completion_tokens"] == completion_tokens
@@ -94,7 +100,9 @@ async def _invoke_with(platform: Platform, secret: str):
 async def _usage_records(platform: Platform, invocation_ids: list[str], timeout_s: float = 20) -> list[UsageRecord]:
     for _ in range(int(timeout_s * 10)):
         async with admin(platform.settings) as a:
-            rows = (await a.session.scalars(select(UsageRecord).where(UsageRecord.invocation_id.in_(invocation_ids)))).all()
+            rows = (
+                await a.session.scalars(select(UsageRecord).where(UsageRecord.invocation_id.in_(invocation_ids)))
+            ).all()
         if len(rows) >= len(invocation_ids):
             return list(rows)
         await asyncio.sleep(0.1)
@@ -102,7 +110,9 @@ async def _usage_records(platform: Platform, invocation_ids: list[str], timeout_
 
 
 async def test_exactly_one_usage_record_priced_exactly(platform: Platform) -> None:
-    responses = await asyncio.gather(*(_invoke(platform, "alpha", "alpha-b16", f"{p} {i}") for i in range(4) for p in PROMPTS))
+    responses = await asyncio.gather(
+        *(_invoke(platform, "alpha", "alpha-b16", f"{p} {i}") for i in range(4) for p in PROMPTS)
+    )
     bodies = [r.json() for r in responses]
     ids = [b["id"] for b in bodies]
     records = await _usage_records(platform, ids)
@@ -110,7 +120,10 @@ async def test_exactly_one_usage_record_priced_exactly(platform: Platform) -> No
     by_id = {r.invocation_id: r for r in records}
     for body in bodies:
         record = by_id[body["id"]]
-        assert (record.input_tokens, record.output_tokens) == (body["usage"]["prompt_tokens"], body["usage"]["completion_tokens"])
+        assert (record.input_tokens, record.output_tokens) == (
+            body["usage"]["prompt_tokens"],
+            body["usage"]["completion_tokens"],
+        )
         assert record.amount_picousd == record.input_tokens * PRICE_IN + record.output_tokens * PRICE_OUT
         assert record.device_ns > 0
     async with admin(platform.settings) as a:
@@ -139,7 +152,9 @@ async def test_bad_input_is_a_clear_4xx_and_queues_nothing(platform: Platform, b
     before = await _queued_count(platform)
     async with platform.client("alpha") as client:
         if isinstance(body, bytes):
-            response = await client.post("/v1/functions/alpha-a8/invoke", content=body, headers={"content-type": "application/json"})
+            response = await client.post(
+                "/v1/functions/alpha-a8/invoke", content=body, headers={"content-type": "application/json"}
+            )
         else:
             response = await client.post("/v1/functions/alpha-a8/invoke", json=body)
     assert response.status_code == status

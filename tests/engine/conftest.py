@@ -44,7 +44,8 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> EngineAssets:
     root = tmp_path_factory.mktemp("engine")
     backbone = build_backbone(root / "backbone", "tiny", seed=0)
     folders = {
-        s.name: make_adapter(backbone, root / s.name, rank=s.rank, seed=s.seed, target_modules=s.targets) for s in ADAPTERS
+        s.name: make_adapter(backbone, root / s.name, rank=s.rank, seed=s.seed, target_modules=s.targets)
+        for s in ADAPTERS
     }
     return EngineAssets(backbone, folders, {s.name: s for s in ADAPTERS})
 

@@ -24,7 +24,15 @@ def test_parses_rank_scaling_targets_and_bytes(weights) -> None:
     assert w.target_modules == ("gate_proj", "up_proj", "down_proj")
     # tiny: hidden 64, intermediate 172, 2 layers: (64+172) * 32 per module, 3 modules.
     assert w.nbytes == 2 * 3 * 32 * (64 + 172) * 4
-    assert weights["all16"].target_modules == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    assert weights["all16"].target_modules == (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    )
     assert w.pin_memory() is w
 
 
@@ -115,7 +123,17 @@ def _layer_out_of_range(folder: Path) -> str:
 
 @pytest.mark.parametrize(
     "corrupt",
-    [_pickle, _wrong_shape, _nan, _unknown_target, _unknown_tensor_module, _truncated, _missing_b, _bad_rank, _layer_out_of_range],
+    [
+        _pickle,
+        _wrong_shape,
+        _nan,
+        _unknown_target,
+        _unknown_tensor_module,
+        _truncated,
+        _missing_b,
+        _bad_rank,
+        _layer_out_of_range,
+    ],
 )
 def test_bad_folders_raise_invalid_artifact_naming_the_problem(corrupt, assets, model_and_tokenizer, tmp_path) -> None:
     folder = _copy(assets.adapters["r8"], tmp_path)

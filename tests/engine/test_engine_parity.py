@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -44,10 +46,14 @@ def _peft_generate(peft, adapter: str | None, prompt_ids: list[int]) -> list[int
     with torch.inference_mode():
         if adapter is None:
             with peft.disable_adapter():
-                out = peft.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_TOKENS, do_sample=False)
+                out = peft.generate(
+                    input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_TOKENS, do_sample=False
+                )
         else:
             peft.set_adapter(adapter)
-            out = peft.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_TOKENS, do_sample=False)
+            out = peft.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_TOKENS, do_sample=False
+            )
     return out[0, len(prompt_ids) :].tolist()
 
 
@@ -67,7 +73,9 @@ def _requests(tokenizer) -> list[EngineRequest]:
 def test_mixed_batch_matches_peft_tokens_and_logits(make_engine, model_and_tokenizer, peft_model, run_all) -> None:
     engine = make_engine(max_batch=8)
     captured: dict[str, list[torch.Tensor]] = {}
-    engine.on_logits = lambda ids, logits: [captured.setdefault(r, []).append(logits[i].clone()) for i, r in enumerate(ids)]
+    engine.on_logits = lambda ids, logits: [
+        captured.setdefault(r, []).append(logits[i].clone()) for i, r in enumerate(ids)
+    ]
     requests = _requests(model_and_tokenizer[1])
     for req in requests:
         engine.add_request(req)
@@ -99,7 +107,7 @@ def test_stacks_are_gathered_once_per_composition(make_engine, model_and_tokeniz
 
 def test_requests_joining_mid_batch_match_running_alone(make_engine, model_and_tokenizer, run_all) -> None:
     tokenizer = model_and_tokenizer[1]
-    requests = _requests(tokenizer)[:6] + [EngineRequest("base", None, tokenizer.encode("the lazy dog"), MAX_TOKENS)]
+    requests = [*_requests(tokenizer)[:6], EngineRequest("base", None, tokenizer.encode("the lazy dog"), MAX_TOKENS)]
     alone = {}
     for req in requests:
         engine = make_engine(max_batch=4)
@@ -128,9 +136,9 @@ def test_rank_groups_do_not_pad_to_the_largest_rank(make_engine, model_and_token
     engine.step()
     lora = engine._batch.lora
     assert sorted(lora.order) == list(range(8))
-    for (layer, site), groups in lora.groups.items():
+    for (_layer, _site), groups in lora.groups.items():
         rows = [(g.start, g.start + g.k * g.m) for g in groups]
-        assert all(a[1] <= b[0] for a, b in zip(rows, rows[1:])), "groups overlap"
+        assert all(a[1] <= b[0] for a, b in itertools.pairwise(rows)), "groups overlap"
         for g in groups:
             assert g.a_cat.shape[2] == g.rank * len(g.modules), "a group computes more ranks than its adapters have"
             assert all(b.shape[1] == g.rank for b in g.b)

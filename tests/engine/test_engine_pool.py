@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -99,7 +101,7 @@ def test_contiguous_allocator_has_no_overlap_or_leak(sequence) -> None:
         elif not is_load and name in alloc:
             alloc.release(name)
         spans = sorted(alloc.ranges().values())
-        for (o1, s1), (o2, _) in zip(spans, spans[1:]):
+        for (o1, s1), (o2, _) in itertools.pairwise(spans):
             assert o1 + s1 <= o2
         assert all(o >= 0 and o + s <= 1000 for o, s in spans)
         assert alloc.live_units() + sum(h[1] for h in alloc._holes) == 1000

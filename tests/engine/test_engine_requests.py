@@ -10,7 +10,9 @@ from gpuworker.engine.sequence import Detokenizer, StopMatcher
 pytestmark = pytest.mark.unit
 
 
-def _req(tokenizer, rid: str, adapter: str | None = "r16", prompt: str = "hello world, how are you", **kw) -> EngineRequest:
+def _req(
+    tokenizer, rid: str, adapter: str | None = "r16", prompt: str = "hello world, how are you", **kw
+) -> EngineRequest:
     kw.setdefault("max_tokens", 20)
     return EngineRequest(rid, adapter, tokenizer.encode(prompt), **kw)
 
@@ -34,7 +36,9 @@ def test_stop_string_ends_the_request_and_is_not_emitted(make_engine, model_and_
     full = "".join(o.text for o in _alone(make_engine, run_all, _req(tokenizer, "a", adapter="r64", max_tokens=30)))
     stop = full[6:9]
     assert len(stop) == 3
-    outs = _alone(make_engine, run_all, _req(tokenizer, "b", adapter="r64", max_tokens=30, stop=["never-appears", stop]))
+    outs = _alone(
+        make_engine, run_all, _req(tokenizer, "b", adapter="r64", max_tokens=30, stop=["never-appears", stop])
+    )
     assert "".join(o.text for o in outs) == full[: full.find(stop)]
     assert outs[-1].finish_reason == "stop" and outs[-1].finished
 
@@ -83,7 +87,10 @@ def test_seeded_sampling_is_reproducible_whatever_shares_the_batch(make_engine, 
     engine.add_request(_req(tokenizer, "s", adapter="r32", **sampled))
     engine.add_request(_req(tokenizer, "greedy", adapter="all16"))
     assert [o.token_id for o in run_all(engine)["s"]] == alone
-    other_seed = [o.token_id for o in _alone(make_engine, run_all, _req(tokenizer, "s", adapter="r32", **(sampled | {"seed": 99})))]
+    other_seed = [
+        o.token_id
+        for o in _alone(make_engine, run_all, _req(tokenizer, "s", adapter="r32", **(sampled | {"seed": 99})))
+    ]
     assert other_seed != alone
 
 
@@ -148,7 +155,14 @@ def test_residency_pinning_and_eviction(make_engine, model_and_tokenizer, weight
 
 @pytest.mark.parametrize(
     "bad",
-    [dict(prompt_ids=[]), dict(max_tokens=0), dict(prompt_ids=[10**6]), dict(temperature=-1.0), dict(top_p=0.0), dict(adapter_id="nope")],
+    [
+        dict(prompt_ids=[]),
+        dict(max_tokens=0),
+        dict(prompt_ids=[10**6]),
+        dict(temperature=-1.0),
+        dict(top_p=0.0),
+        dict(adapter_id="nope"),
+    ],
 )
 def test_invalid_requests_are_refused(make_engine, bad) -> None:
     engine = make_engine()

@@ -10,8 +10,8 @@ import httpx
 from sqlalchemy import update
 
 from controlplane.db.models import Function
-from lorafaas.platform import admin, publish_backbone, register_function
-from tests.support.platform import PRICE_IN, PRICE_OUT, Platform  # noqa: F401
+from launcher.platform import admin, publish_backbone, register_function
+from tests.support.platform import PRICE_IN, PRICE_OUT, Platform
 
 
 async def sse_events(response: httpx.Response) -> AsyncIterator[tuple[str | None, str]]:
@@ -44,10 +44,16 @@ async def poll_status(client: httpx.AsyncClient, invocation_id: str, until, time
     raise AssertionError(f"status never matched: {body}")
 
 
-async def idle_function(platform: Platform, backbone: str, name: str, backbone_dir, adapter_dir, max_queue: int | None = None) -> None:
+async def idle_function(
+    platform: Platform, backbone: str, name: str, backbone_dir, adapter_dir, max_queue: int | None = None
+) -> None:
     """A function on a backbone no worker serves, so its invocations stay queued."""
     await publish_backbone(platform.settings, backbone, backbone_dir)
-    served = await register_function(platform.settings, platform.tenant_ids["alpha"], name, backbone, adapter_dir, PRICE_IN, PRICE_OUT)
+    served = await register_function(
+        platform.settings, platform.tenant_ids["alpha"], name, backbone, adapter_dir, PRICE_IN, PRICE_OUT
+    )
     if max_queue is not None:
         async with admin(platform.settings) as a:
-            await a.session.execute(update(Function).where(Function.id == served.function.id).values(max_queue=max_queue))
+            await a.session.execute(
+                update(Function).where(Function.id == served.function.id).values(max_queue=max_queue)
+            )

@@ -20,7 +20,7 @@ import pytest
 from sqlalchemy import text
 
 from gateway.db import GuardedSessions, make_gateway_engine
-from lorafaas.devstack import free_port, wait_for_port
+from launcher.devstack import free_port, wait_for_port
 from lorafaas.errors import ServiceUnavailable
 from lorafaas.settings import DatabaseSettings
 
@@ -43,7 +43,13 @@ class PrivatePostgres:
 
     def _run(self, tool: str, *args: str) -> None:
         # No pipes: the server that pg_ctl starts would hold them open, and we would wait forever.
-        subprocess.run([*self.as_user, str(self.bin / tool), *args], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+        subprocess.run(
+            [*self.as_user, str(self.bin / tool), *args],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=60,
+        )
 
     def start(self) -> None:
         options = f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1 -c fsync=off"
@@ -69,7 +75,11 @@ def private_postgres() -> Iterator[PrivatePostgres]:
         try:
             yield server
         finally:
-            subprocess.run([*server.as_user, str(server.bin / "pg_ctl"), "-D", str(server.data), "-m", "immediate", "stop"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            subprocess.run(
+                [*server.as_user, str(server.bin / "pg_ctl"), "-D", str(server.data), "-m", "immediate", "stop"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -9,9 +9,9 @@ import pytest
 from sqlalchemy import select
 
 from controlplane.db.models import UsageRecord
-from lorafaas.platform import admin
-from tests.support.platform import Platform
+from launcher.platform import admin
 from tests.gateway.conftest import poll_status, sse_events, stream_invoke
+from tests.support.platform import Platform
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 
@@ -36,7 +36,10 @@ async def test_sync_stream_and_async_agree(platform: Platform) -> None:
         submitted = await client.post("/v1/functions/alpha-a8/invoke", json={**body, "mode": "async"})
         assert submitted.status_code == 202, submitted.text
         job = submitted.json()
-        assert job["state"] in ("queued", "running", "succeeded") and submitted.headers["location"] == f"/v1/invocations/{job['id']}"
+        assert (
+            job["state"] in ("queued", "running", "succeeded")
+            and submitted.headers["location"] == f"/v1/invocations/{job['id']}"
+        )
         done = await poll_status(client, job["id"], lambda b: b["state"] == "succeeded")
     assert sync.status_code == 200, sync.text
     expected = sync.json()
@@ -53,22 +56,34 @@ async def test_idempotent_resubmission_runs_and_bills_once(platform: Platform) -
     async with platform.client("alpha") as client:
         first = await client.post("/v1/functions/alpha-b16/invoke", json=body, headers={"Idempotency-Key": "order-42"})
         again = await client.post("/v1/functions/alpha-b16/invoke", json=body, headers={"Idempotency-Key": "order-42"})
-        other = await client.post("/v1/functions/alpha-b16/invoke", json={**body, "max_tokens": 7}, headers={"Idempotency-Key": "order-42"})
-        job = await client.post("/v1/functions/alpha-b16/invoke", json={**body, "mode": "async"}, headers={"Idempotency-Key": "job-42"})
-        job_again = await client.post("/v1/functions/alpha-b16/invoke", json={**body, "mode": "async"}, headers={"Idempotency-Key": "job-42"})
+        other = await client.post(
+            "/v1/functions/alpha-b16/invoke", json={**body, "max_tokens": 7}, headers={"Idempotency-Key": "order-42"}
+        )
+        job = await client.post(
+            "/v1/functions/alpha-b16/invoke", json={**body, "mode": "async"}, headers={"Idempotency-Key": "job-42"}
+        )
+        job_again = await client.post(
+            "/v1/functions/alpha-b16/invoke", json={**body, "mode": "async"}, headers={"Idempotency-Key": "job-42"}
+        )
     assert first.status_code == again.status_code == 200
     assert again.json() == first.json() and again.headers["idempotent-replayed"] == "true"
     assert other.status_code == 409 and "different request body" in other.json()["error"]["message"]
     assert job.status_code == job_again.status_code == 202 and job.json()["id"] == job_again.json()["id"]
     assert (await usage_record(platform, first.json()["id"])) is not None
     async with admin(platform.settings) as a:
-        records = (await a.session.scalars(select(UsageRecord.invocation_id).where(UsageRecord.invocation_id == first.json()["id"]))).all()
+        records = (
+            await a.session.scalars(
+                select(UsageRecord.invocation_id).where(UsageRecord.invocation_id == first.json()["id"])
+            )
+        ).all()
     assert len(records) == 1
 
 
 async def test_cancel_mid_generation_bills_only_produced_tokens(platform: Platform) -> None:
     async with platform.client("beta") as client:
-        async with client.stream("POST", "/v1/functions/beta-c32/invoke", json={"prompt": PROMPT, "max_tokens": 64, "mode": "stream"}) as response:
+        async with client.stream(
+            "POST", "/v1/functions/beta-c32/invoke", json={"prompt": PROMPT, "max_tokens": 64, "mode": "stream"}
+        ) as response:
             invocation_id = response.headers["x-invocation-id"]
             final = None
             cancelled = False

@@ -24,9 +24,17 @@ async def test_models_are_the_tenants_functions(platform: Platform) -> None:
 async def test_completions_stream_and_non_stream_agree(platform: Platform) -> None:
     api = client(platform)
     done = await api.completions.create(model="alpha-a8", prompt="the quick brown fox", max_tokens=8, temperature=0)
-    chunks = [c async for c in await api.completions.create(
-        model="alpha-a8", prompt="the quick brown fox", max_tokens=8, temperature=0, stream=True, stream_options={"include_usage": True}
-    )]
+    chunks = [
+        c
+        async for c in await api.completions.create(
+            model="alpha-a8",
+            prompt="the quick brown fox",
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    ]
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     assert done.choices[0].text == text and done.choices[0].finish_reason in ("stop", "length")
     assert done.usage.completion_tokens == chunks[-1].usage.completion_tokens >= 1
@@ -37,7 +45,9 @@ async def test_chat_completions_stream_and_non_stream_agree(platform: Platform) 
     api = client(platform)
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "name a colour"}]
     done = await api.chat.completions.create(model="alpha-b16", messages=messages, max_tokens=8, temperature=0)
-    stream = await api.chat.completions.create(model="alpha-b16", messages=messages, max_tokens=8, temperature=0, stream=True)
+    stream = await api.chat.completions.create(
+        model="alpha-b16", messages=messages, max_tokens=8, temperature=0, stream=True
+    )
     chunks = [c async for c in stream]
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -59,4 +69,3 @@ async def test_errors_come_in_openai_shape(platform: Platform) -> None:
     assert "function 'beta-c32' not found" in missing.value.message
     assert too_long.value.body["param"] == "max_tokens" and "limit of 64" in too_long.value.message
     assert "context of 512 tokens" in context.value.message and context.value.body["limit"] == 512
-

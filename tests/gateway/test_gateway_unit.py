@@ -13,7 +13,12 @@ pytestmark = pytest.mark.unit
 
 
 def test_chat_template_is_the_documented_one() -> None:
-    prompt = render_chat([ChatMessage(role="system", content="be brief"), ChatMessage(role="user", content=[{"type": "text", "text": "hi"}])])
+    prompt = render_chat(
+        [
+            ChatMessage(role="system", content="be brief"),
+            ChatMessage(role="user", content=[{"type": "text", "text": "hi"}]),
+        ]
+    )
     assert prompt == "<|system|>\nbe brief\n<|user|>\nhi\n<|assistant|>\n"
 
 
@@ -33,4 +38,8 @@ def test_backoff_grows_with_jitter_and_is_capped() -> None:
 
 
 def test_request_hash_ignores_key_order() -> None:
-    assert request_hash("f", {"a": 1, "b": 2}) == request_hash("f", {"b": 2, "a": 1}) != request_hash("g", {"a": 1, "b": 2})
+    assert (
+        request_hash("f", {"a": 1, "b": 2})
+        == request_hash("f", {"b": 2, "a": 1})
+        != request_hash("g", {"a": 1, "b": 2})
+    )

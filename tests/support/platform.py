@@ -10,9 +10,9 @@ from pathlib import Path
 
 import httpx
 
-from lorafaas.platform import create_tenant_with_key, publish_backbone, register_function
+from launcher.platform import create_tenant_with_key, publish_backbone, register_function
+from launcher.stack import PlatformProcesses, wait_for_worker
 from lorafaas.settings import Settings
-from lorafaas.stack import PlatformProcesses, wait_for_worker
 
 PRICE_IN, PRICE_OUT = 150_000, 600_000
 
@@ -49,7 +49,9 @@ async def _setup(settings: Settings, backbone_dir: Path, adapter_dirs: dict[str,
             platform.functions[name] = (tenant, adapter_dirs[adapter])
 
 
-def run_platform(settings: Settings, backbone_dir: Path, adapter_dirs: dict[str, Path], session_tmp: Path) -> Iterator[Platform]:
+def run_platform(
+    settings: Settings, backbone_dir: Path, adapter_dirs: dict[str, Path], session_tmp: Path
+) -> Iterator[Platform]:
     """Start the platform, yield it, stop it."""
     uri = asyncio.run(publish_backbone(settings, "tiny", backbone_dir))
     procs = PlatformProcesses(settings, session_tmp / "platform")

@@ -25,7 +25,9 @@ def settings_env(settings: Settings) -> dict[str, str]:
     for name, value in settings:
         if isinstance(value, BaseModel):
             for field, inner in value:
-                env[f"LORAFAAS_{name.upper()}__{field.upper()}"] = str(inner).lower() if isinstance(inner, bool) else str(inner)
+                env[f"LORAFAAS_{name.upper()}__{field.upper()}"] = (
+                    str(inner).lower() if isinstance(inner, bool) else str(inner)
+                )
         else:
             env[f"LORAFAAS_{name.upper()}"] = str(value)
     return env
@@ -58,14 +60,21 @@ class PlatformProcesses:
     def _spawn(self, name: str, args: list[str], overrides: dict[str, str] | None = None) -> subprocess.Popen:
         env = {**os.environ, **settings_env(self.settings), **(overrides or {})}
         log = open(self.logs / f"{name}.log", "ab")
-        proc = subprocess.Popen([sys.executable, "-m", "lorafaas.cli", "--verbose", *args], env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "launcher.cli", "--verbose", *args], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
         self.procs[name] = proc
         return proc
 
     def start_controlplane(self, timeout_s: float = 60) -> None:
         s = self.settings
         proc = self._spawn("controlplane", ["controlplane"])
-        wait_healthy(f"http://{s.controlplane_host}:{s.controlplane_port}/healthz", timeout_s, proc, self.logs / "controlplane.log")
+        wait_healthy(
+            f"http://{s.controlplane_host}:{s.controlplane_port}/healthz",
+            timeout_s,
+            proc,
+            self.logs / "controlplane.log",
+        )
 
     def start_gateway(self, timeout_s: float = 60) -> None:
         s = self.settings
@@ -73,7 +82,9 @@ class PlatformProcesses:
         wait_healthy(f"http://{s.gateway_host}:{s.gateway_port}/healthz", timeout_s, proc, self.logs / "gateway.log")
 
     def start_worker(self, worker_id: str, overrides: dict[str, str] | None = None) -> subprocess.Popen:
-        return self._spawn(f"worker-{worker_id}", ["worker"], {"LORAFAAS_WORKER__WORKER_ID": worker_id, **(overrides or {})})
+        return self._spawn(
+            f"worker-{worker_id}", ["worker"], {"LORAFAAS_WORKER__WORKER_ID": worker_id, **(overrides or {})}
+        )
 
     def kill(self, name: str) -> None:
         """SIGKILL one process (fault tests: a worker dying mid-invocation)."""
@@ -124,7 +135,7 @@ async def wait_for_worker(settings: Settings, worker_id: str, timeout_s: float =
     sub = await nc.subscribe(Names(settings.nats.prefix).heartbeat_subject, cb=on_beat)
     try:
         await asyncio.wait_for(seen.wait(), timeout_s)
-    except asyncio.TimeoutError as e:
+    except TimeoutError as e:
         raise TimeoutError(f"worker {worker_id} sent no heartbeat within {timeout_s:g}s") from e
     finally:
         await sub.unsubscribe()

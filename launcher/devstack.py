@@ -49,9 +49,7 @@ def port_open(host: str, port: int, timeout_s: float = 0.5) -> bool:
         return False
 
 
-def wait_for_port(
-    host: str, port: int, timeout_s: float, proc: subprocess.Popen | None = None
-) -> None:
+def wait_for_port(host: str, port: int, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
     """Block until ``host:port`` accepts connections.
 
     Raises ``TimeoutError`` after ``timeout_s``, or ``ServiceUnavailable`` at once when
@@ -173,9 +171,7 @@ def nats_server_binary() -> str:
     )
 
 
-def start_nats(
-    port: int, store_dir: Path, host: str = "127.0.0.1", log_path: Path | None = None
-) -> subprocess.Popen:
+def start_nats(port: int, store_dir: Path, host: str = "127.0.0.1", log_path: Path | None = None) -> subprocess.Popen:
     """Start ``nats-server`` with JetStream storing under ``store_dir``; returns once it listens."""
     store_dir.mkdir(parents=True, exist_ok=True)
     args = [nats_server_binary(), "-js", "-a", host, "-p", str(port), "-sd", str(store_dir)]

@@ -9,7 +9,7 @@ import argparse
 import asyncio
 import logging
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from lorafaas.errors import LorafaasError
@@ -29,7 +29,9 @@ def _run_controlplane(settings: Settings, _: argparse.Namespace) -> None:
 
     from controlplane.main import create_app
 
-    uvicorn.run(create_app(settings), host=settings.controlplane_host, port=settings.controlplane_port, log_level="warning")
+    uvicorn.run(
+        create_app(settings), host=settings.controlplane_host, port=settings.controlplane_port, log_level="warning"
+    )
 
 
 def _run_worker(settings: Settings, _: argparse.Namespace) -> None:
@@ -39,14 +41,14 @@ def _run_worker(settings: Settings, _: argparse.Namespace) -> None:
 
 
 def _migrate(settings: Settings, _: argparse.Namespace) -> None:
-    from lorafaas.platform import prepare
+    from launcher.platform import prepare
 
     asyncio.run(prepare(settings))
     print("database migrated to head; bucket ready")
 
 
 def _tenant_create(settings: Settings, args: argparse.Namespace) -> None:
-    from lorafaas.platform import create_tenant_with_key
+    from launcher.platform import create_tenant_with_key
 
     tenant_id, secret = asyncio.run(create_tenant_with_key(settings, args.name, args.expires_in_days))
     print(f"tenant_id={tenant_id}\napi_key={secret}\n(the key is shown only once)")
@@ -54,14 +56,16 @@ def _tenant_create(settings: Settings, args: argparse.Namespace) -> None:
 
 def _key_create(settings: Settings, args: argparse.Namespace) -> None:
     from controlplane.services.keys import ALL_SCOPES
-    from lorafaas.platform import create_api_key
+    from launcher.platform import create_api_key
 
-    key_id, secret = asyncio.run(create_api_key(settings, args.tenant_id, tuple(args.scope or ALL_SCOPES), args.expires_in_days))
+    key_id, secret = asyncio.run(
+        create_api_key(settings, args.tenant_id, tuple(args.scope or ALL_SCOPES), args.expires_in_days)
+    )
     print(f"key_id={key_id}\napi_key={secret}\n(the key is shown only once)")
 
 
 def _backbone_register(settings: Settings, args: argparse.Namespace) -> None:
-    from lorafaas.platform import publish_backbone
+    from launcher.platform import publish_backbone
 
     folder = Path(args.folder)
     if args.build:
@@ -89,72 +93,102 @@ class _UploadProgress:
 def _function_register(settings: Settings, args: argparse.Namespace) -> None:
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
+    from launcher.platform import register_function
     from lorafaas.artifacts import adapter_files
-    from lorafaas.platform import register_function
 
     folder = Path(args.adapter)
     total = sum(p.stat().st_size for p in adapter_files(folder))
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
     with Progress(*columns, transient=True) as bar:
         progress = _UploadProgress(bar, total)
-        served = asyncio.run(register_function(settings, args.tenant_id, args.name, args.backbone, folder, args.price_input, args.price_output, progress))
+        served = asyncio.run(
+            register_function(
+                settings,
+                args.tenant_id,
+                args.name,
+                args.backbone,
+                folder,
+                args.price_input,
+                args.price_output,
+                progress,
+            )
+        )
     a = served.artifact
     print(f"function {served.function.name} ({served.function.id}) version {a.version} rank {a.rank} sha256 {a.sha256}")
 
 
 def _bill(settings: Settings, args: argparse.Namespace) -> None:
-    from lorafaas.platform import bill
     from controlplane.services.ledger import picousd_to_usd
+    from launcher.platform import bill
 
     year, month = (int(x) for x in args.month.split("-"))
     result = asyncio.run(bill(settings, args.tenant_id, year, month))
     for line in result.lines:
-        print(f"{line.function_name:24} {line.invocations:8d} inv {line.input_tokens:10d} in {line.output_tokens:10d} out  ${picousd_to_usd(line.amount_picousd)}")
+        print(
+            f"{line.function_name:24} {line.invocations:8d} inv {line.input_tokens:10d} in {line.output_tokens:10d} out  ${picousd_to_usd(line.amount_picousd)}"
+        )
     print(f"{'total':24} ${picousd_to_usd(result.total_picousd)}")
 
 
 def _dev_services(settings: Settings, args: argparse.Namespace) -> None:
-    from lorafaas.devstack import run_services
+    from launcher.devstack import run_services
 
     run_services(settings, Path(args.workdir))
 
 
 def _dev_up(settings: Settings, args: argparse.Namespace) -> None:
-    from lorafaas.demo import dev_up
+    from launcher.demo import dev_up
 
     asyncio.run(dev_up(settings, Path(args.workdir)))
 
 
 def _demo(settings: Settings, args: argparse.Namespace) -> None:
-    from lorafaas.demo import DemoOptions, run_demo
+    from launcher.demo import DemoOptions, run_demo
 
     options = DemoOptions(trace=Path(args.trace), duration_s=args.duration, workdir=Path(args.workdir), seed=args.seed)
     asyncio.run(run_demo(settings, options))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lorafaas", description="Serverless LoRA inference: run services, administer, demo.")
+    parser = argparse.ArgumentParser(
+        prog="lorafaas", description="Serverless LoRA inference: run services, administer, demo."
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("gateway", help="run the HTTP gateway").set_defaults(func=_run_gateway)
-    sub.add_parser("controlplane", help="run the control plane (event consumer + admin HTTP)").set_defaults(func=_run_controlplane)
+    sub.add_parser("controlplane", help="run the control plane (event consumer + admin HTTP)").set_defaults(
+        func=_run_controlplane
+    )
     sub.add_parser("worker", help="run a GPU worker for LORAFAAS_WORKER__BACKBONE").set_defaults(func=_run_worker)
-    sub.add_parser("migrate", help="create the database if needed and run alembic upgrade head").set_defaults(func=_migrate)
+    sub.add_parser("migrate", help="create the database if needed and run alembic upgrade head").set_defaults(
+        func=_migrate
+    )
 
-    admin = sub.add_parser("admin", help="administer tenants, backbones, functions, bills").add_subparsers(dest="admin", required=True)
+    admin = sub.add_parser("admin", help="administer tenants, backbones, functions, bills").add_subparsers(
+        dest="admin", required=True
+    )
     p = admin.add_parser("create-tenant", help="create a tenant (or reuse one by name) and a new API key")
     p.add_argument("name")
     p.add_argument("--expires-in-days", type=float, default=None)
     p.set_defaults(func=_tenant_create)
     p = admin.add_parser("create-key", help="create another API key for a tenant")
     p.add_argument("--tenant-id", required=True)
-    p.add_argument("--scope", action="append", choices=["invoke", "read-usage", "manage-functions"], help="repeat for several (default: all)")
+    p.add_argument(
+        "--scope",
+        action="append",
+        choices=["invoke", "read-usage", "manage-functions"],
+        help="repeat for several (default: all)",
+    )
     p.add_argument("--expires-in-days", type=float, default=None)
     p.set_defaults(func=_key_create)
     p = admin.add_parser("register-backbone", help="upload a Hugging Face model folder to S3 and register it")
     p.add_argument("name")
     p.add_argument("folder", help="the model folder (written first with --build)")
-    p.add_argument("--build", metavar="SHAPE", help="build a random-weight backbone of this shape into FOLDER first (tiny, demo, small, llama-7b)")
+    p.add_argument(
+        "--build",
+        metavar="SHAPE",
+        help="build a random-weight backbone of this shape into FOLDER first (tiny, demo, small, llama-7b)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--price-input", type=int, default=0, help="default price, micro-dollars per 1M input tokens")
     p.add_argument("--price-output", type=int, default=0, help="default price, micro-dollars per 1M output tokens")
@@ -169,18 +203,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_function_register)
     p = admin.add_parser("bill", help="a tenant's bill for a month")
     p.add_argument("--tenant-id", required=True)
-    p.add_argument("--month", default=datetime.now(timezone.utc).strftime("%Y-%m"), help="YYYY-MM (default: this month)")
+    p.add_argument("--month", default=datetime.now(UTC).strftime("%Y-%m"), help="YYYY-MM (default: this month)")
     p.set_defaults(func=_bill)
 
     dev = sub.add_parser("dev", help="local development").add_subparsers(dest="dev", required=True)
     p = dev.add_parser("services", help="make NATS, Postgres and S3 reachable (start what is missing) until Ctrl-C")
     p.add_argument("--workdir", default=".lorafaas")
     p.set_defaults(func=_dev_services)
-    p = dev.add_parser("up", help="the whole stack: services, migrations, demo backbone, control plane, gateway, a worker")
+    p = dev.add_parser(
+        "up", help="the whole stack: services, migrations, demo backbone, control plane, gateway, a worker"
+    )
     p.add_argument("--workdir", default=".lorafaas")
     p.set_defaults(func=_dev_up)
 
-    p = sub.add_parser("demo", help="stack up, demo functions registered, a slice of the trace replayed, a summary printed")
+    p = sub.add_parser(
+        "demo", help="stack up, demo functions registered, a slice of the trace replayed, a summary printed"
+    )
     p.add_argument("--trace", default="data/AzureLLMInferenceTrace_conv.csv")
     p.add_argument("--duration", type=float, default=60.0, help="seconds of the trace to replay")
     p.add_argument("--workdir", default=".lorafaas")
@@ -203,7 +241,9 @@ def _describe_error(e: Exception) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
     try:
         settings = Settings()
         args.func(settings, args)

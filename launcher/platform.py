@@ -7,7 +7,7 @@ import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -56,25 +56,31 @@ async def publish_backbone(settings: Settings, name: str, folder: Path, price_in
     shape = catalog.backbone_shape(config)
     uri = f"s3://{store.bucket}/{prefix}"
     async with admin(settings) as a:
-        await catalog.register_backbone(a.session, name, uri, shape, config.get("max_position_embeddings", 2048), price_in, price_out)
+        await catalog.register_backbone(
+            a.session, name, uri, shape, config.get("max_position_embeddings", 2048), price_in, price_out
+        )
     return uri
 
 
-async def create_tenant_with_key(settings: Settings, name: str, expires_in_days: float | None = None) -> tuple[str, str]:
+async def create_tenant_with_key(
+    settings: Settings, name: str, expires_in_days: float | None = None
+) -> tuple[str, str]:
     """Create a tenant (or reuse one of that name) and a new API key; returns (tenant_id, secret)."""
     async with admin(settings) as a:
         try:
             tenant = await keys.tenant_by_name(a.session, name)
         except NotFound:
             tenant = await keys.create_tenant(a.session, name)
-        expires = datetime.now(timezone.utc) + timedelta(days=expires_in_days) if expires_in_days else None
+        expires = datetime.now(UTC) + timedelta(days=expires_in_days) if expires_in_days else None
         _, secret = await keys.create_api_key(a.session, tenant.id, name="cli", expires_at=expires)
         return tenant.id, secret
 
 
-async def create_api_key(settings: Settings, tenant_id: str, scopes: tuple[str, ...] = keys.ALL_SCOPES, expires_in_days: float | None = None) -> tuple[str, str]:
+async def create_api_key(
+    settings: Settings, tenant_id: str, scopes: tuple[str, ...] = keys.ALL_SCOPES, expires_in_days: float | None = None
+) -> tuple[str, str]:
     """A new API key for an existing tenant; returns (key id, secret). The secret is shown once."""
-    expires = datetime.now(timezone.utc) + timedelta(days=expires_in_days) if expires_in_days else None
+    expires = datetime.now(UTC) + timedelta(days=expires_in_days) if expires_in_days else None
     async with admin(settings) as a:
         key, secret = await keys.create_api_key(a.session, tenant_id, name="cli", scopes=scopes, expires_at=expires)
         return key.id, secret
@@ -92,7 +98,16 @@ async def register_function(
 ) -> catalog.ServedFunction:
     async with admin(settings) as a:
         return await catalog.register_function(
-            a.session, a.store, settings.limits, tenant_id, name, backbone, adapter_dir, price_in, price_out, progress=progress
+            a.session,
+            a.store,
+            settings.limits,
+            tenant_id,
+            name,
+            backbone,
+            adapter_dir,
+            price_in,
+            price_out,
+            progress=progress,
         )
 
 

@@ -9,7 +9,7 @@ import contextlib
 import statistics
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -18,11 +18,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from controlplane.services.ledger import UsageTotals, monthly_bill, picousd_to_usd, usage_totals
-from lorafaas import trace
-from lorafaas.devstack import DevStack
-from lorafaas.platform import admin, create_tenant_with_key, prepare, publish_backbone, register_function
+from launcher import trace
+from launcher.devstack import DevStack
+from launcher.platform import admin, create_tenant_with_key, prepare, publish_backbone, register_function
+from launcher.stack import PlatformProcesses, wait_for_worker
 from lorafaas.settings import Settings
-from lorafaas.stack import PlatformProcesses, wait_for_worker
 
 DEMO_BACKBONE = "demo"
 DEMO_RANKS = (8, 16, 32, 64)
@@ -92,7 +92,9 @@ async def setup_demo(settings: Settings, workdir: Path, shape: str = DEMO_BACKBO
 async def _invoke(client: httpx.AsyncClient, function: str, prompt: str, max_tokens: int) -> Outcome:
     started = time.perf_counter()
     try:
-        response = await client.post(f"/v1/functions/{function}/invoke", json={"prompt": prompt, "max_tokens": max_tokens})
+        response = await client.post(
+            f"/v1/functions/{function}/invoke", json={"prompt": prompt, "max_tokens": max_tokens}
+        )
     except httpx.HTTPError as e:
         return Outcome(status=0, e2e_s=time.perf_counter() - started, error=repr(e))
     e2e = time.perf_counter() - started
@@ -102,18 +104,27 @@ async def _invoke(client: httpx.AsyncClient, function: str, prompt: str, max_tok
     return Outcome(200, e2e, body["timings"]["ttft_s"], body["usage"]["completion_tokens"], body["id"])
 
 
-async def replay(base_url: str, api_key: str, functions: list[str], requests: list[trace.TraceRequest], seed: int) -> tuple[list[Outcome], float]:
+async def replay(
+    base_url: str, api_key: str, functions: list[str], requests: list[trace.TraceRequest], seed: int
+) -> tuple[list[Outcome], float]:
     """Send each request at its (scaled) arrival time; returns outcomes and wall time."""
     headers = {"Authorization": f"Bearer {api_key}"}
     limits = httpx.Limits(max_connections=512, max_keepalive_connections=64)
     async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=300, limits=limits) as client:
-        with Progress(TextColumn("replaying"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as progress:
+        with Progress(
+            TextColumn("replaying"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+        ) as progress:
             bar = progress.add_task("replay", total=len(requests))
             start = time.perf_counter()
 
             async def one(i: int, req: trace.TraceRequest) -> Outcome:
                 await asyncio.sleep(max(0.0, req.arrival_s - (time.perf_counter() - start)))
-                outcome = await _invoke(client, functions[req.function_index], trace.synthetic_prompt(req.prompt_tokens, seed + i), req.output_tokens)
+                outcome = await _invoke(
+                    client,
+                    functions[req.function_index],
+                    trace.synthetic_prompt(req.prompt_tokens, seed + i),
+                    req.output_tokens,
+                )
                 progress.advance(bar)
                 return outcome
 
@@ -144,7 +155,7 @@ async def _billed(settings: Settings, tenant_id: str, ids: list[str], timeout_s:
         async with admin(settings) as a:
             totals = await usage_totals(a.session, tenant_id, ids)
             if totals.records >= len(ids) or time.monotonic() > deadline:
-                now = datetime.now(timezone.utc)
+                now = datetime.now(UTC)
                 bill = await monthly_bill(a.session, tenant_id, now.year, now.month)
                 return Billing(totals, await usage_totals(a.session, tenant_id), bill.total_picousd)
         await asyncio.sleep(0.5)
@@ -209,7 +220,9 @@ async def run_demo(settings: Settings, options: DemoOptions) -> None:
 
 async def dev_up(settings: Settings, workdir: Path) -> None:
     async with running_platform(settings, workdir) as setup:
-        console.print(f"gateway on http://{settings.gateway_host}:{settings.gateway_port}; demo functions {setup.functions}")
+        console.print(
+            f"gateway on http://{settings.gateway_host}:{settings.gateway_port}; demo functions {setup.functions}"
+        )
         console.print(f"demo API key (shown once): {setup.api_key}")
         console.print("Ctrl-C to stop")
         with contextlib.suppress(asyncio.CancelledError):
