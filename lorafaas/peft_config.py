@@ -242,7 +242,7 @@ class PeftLoraConfig:
         targets = _target_modules(raw.get("target_modules"))
         layers = _layers_to_transform(raw.get("layers_to_transform"))
         layers_pattern = _string_list("layers_pattern", raw.get("layers_pattern"), allow_str=True)
-        if isinstance(targets, str) and (layers is not None or layers_pattern is not None):
+        if isinstance(raw.get("target_modules"), str) and (layers is not None or layers_pattern is not None):
             raise _fail("layers_to_transform", "cannot be used when target_modules is a regex string (PEFT refuses it)")
         if layers_pattern and layers is None:
             raise _fail("layers_pattern", "needs layers_to_transform (PEFT refuses it alone)")
