@@ -19,10 +19,14 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from collections.abc import Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import regex
 
 from lorafaas.errors import InvalidArtifact
 from lorafaas.llama import ATTN_MODULES, LLAMA_MODULES
@@ -34,6 +38,11 @@ _PARENT = {m: "self_attn" for m in ATTN_MODULES} | {m: "mlp" for m in LLAMA_MODU
 # Modules of a Llama causal LM (as transformers names them) that are not LoRA-able linear layers here.
 _MODEL_LEVEL = ("model", "model.embed_tokens", "model.layers", "model.norm", "model.rotary_emb", "lm_head")
 _NAMES = ", ".join(LLAMA_MODULES)
+# Seconds tenant-written patterns may take to match one module name, and all of them every
+# module of a backbone (plain patterns take microseconds).
+_MATCH_BUDGET_S = 0.05
+_PLAN_BUDGET_S = 2.0
+_deadline: ContextVar[float] = ContextVar("peft_config_deadline", default=math.inf)
 _LAYER_LEVEL = ("", ".self_attn", ".mlp", ".mlp.act_fn", ".input_layernorm", ".post_attention_layernorm")
 
 # Fields that do not change what the adapter computes at inference (or only configure a
@@ -242,6 +251,8 @@ class PeftLoraConfig:
         targets = _target_modules(raw.get("target_modules"))
         layers = _layers_to_transform(raw.get("layers_to_transform"))
         layers_pattern = _string_list("layers_pattern", raw.get("layers_pattern"), allow_str=True)
+        for pattern in layers_pattern or ():
+            _regex("layers_pattern", pattern, rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.")
         if isinstance(raw.get("target_modules"), str) and (layers is not None or layers_pattern is not None):
             raise _fail("layers_to_transform", "cannot be used when target_modules is a regex string (PEFT refuses it)")
         if layers_pattern and layers is None:
@@ -267,6 +278,13 @@ class PeftLoraConfig:
         Refuses a target that names something other than a linear layer of a Llama block
         (``lm_head``, the embeddings, a whole block) and list entries that match nothing.
         """
+        token = _deadline.set(time.monotonic() + _PLAN_BUDGET_S)
+        try:
+            return self._plan(num_layers)
+        finally:
+            _deadline.reset(token)
+
+    def _plan(self, num_layers: int) -> LoraPlan:
         keys = {(i, m): module_key(i, m) for i in range(num_layers) for m in LLAMA_MODULES}
         chosen = {k for k, name in keys.items() if self._targets(name)}
         others = sorted(name for name in _other_modules(num_layers) if self._targets(name))
@@ -285,8 +303,8 @@ class PeftLoraConfig:
 
     def _target(self, layer: int, module: str) -> LoraTarget:
         key = module_key(layer, module)
-        rank = self.rank_pattern.get(_pattern_key(self.rank_pattern, key), self.r)
-        alpha = self.alpha_pattern.get(_pattern_key(self.alpha_pattern, key), self.lora_alpha)
+        rank = self.rank_pattern.get(_pattern_key("rank_pattern", self.rank_pattern, key), self.r)
+        alpha = self.alpha_pattern.get(_pattern_key("alpha_pattern", self.alpha_pattern, key), self.lora_alpha)
         # PEFT's LoraLayer.update_layer: alpha / r, or alpha / sqrt(r) with rank-stabilised LoRA.
         scaling = alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
         return LoraTarget(layer, module, rank, alpha, scaling)
@@ -295,7 +313,7 @@ class PeftLoraConfig:
         if self._excluded(key):
             return False
         if isinstance(self.target_modules, str):
-            return re.fullmatch(self.target_modules, key) is not None
+            return _matches("target_modules", self.target_modules, key)
         if not (key in self.target_modules or any(key.endswith("." + t) for t in self.target_modules)):
             return False
         return self.layers_to_transform is None or _layer_index(key, self.layers_pattern) in self.layers_to_transform
@@ -304,14 +322,38 @@ class PeftLoraConfig:
         if self.exclude_modules is None:
             return False
         if isinstance(self.exclude_modules, str):
-            return re.fullmatch(self.exclude_modules, key) is not None
+            return _matches("exclude_modules", self.exclude_modules, key)
         return key in self.exclude_modules or any(key.endswith("." + e) for e in self.exclude_modules)
 
 
-def _pattern_key(patterns: Mapping[str, object], key: str) -> str:
+def _matches(field: str, pattern: str, key: str, whole: bool = True) -> bool:
+    """``re.fullmatch`` (or ``re.match``) of a tenant's pattern, with a time budget.
+
+    A pattern such as ``(.*)*(.*)*x`` backtracks for minutes on one module name; PEFT would
+    hang on it too, and here it would hold a control-plane thread. The ``regex`` module
+    matches as ``re`` does (patterns are also compiled with ``re`` first) but can stop.
+    """
+    try:
+        found = (regex.fullmatch if whole else regex.match)(pattern, key, timeout=_budget())
+    except TimeoutError as e:
+        raise _fail(field, f"{pattern!r} takes too long to match the module names; write a simpler pattern") from e
+    except regex.error as e:
+        raise _fail(field, f"{pattern!r} is not a valid regular expression: {e}") from e
+    return found is not None
+
+
+def _budget() -> float:
+    """Seconds the next match may take: what is left of the plan's budget, at most one match's."""
+    left = _deadline.get() - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("the plan's time budget is spent")
+    return min(left, _MATCH_BUDGET_S)
+
+
+def _pattern_key(field: str, patterns: Mapping[str, object], key: str) -> str:
     """PEFT's get_pattern_key: the first pattern that matches the end of the module name."""
     for pattern in patterns:
-        if re.match(rf"(.*\.)?({pattern})$", key):
+        if _matches(field, rf"(.*\.)?({pattern})$", key, whole=False):
             return pattern
     return key
 
@@ -323,7 +365,10 @@ def _layer_index(key: str, layers_pattern: tuple[str, ...] | None) -> int | None
         match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
     else:
         for pattern in layers_pattern:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+            try:
+                match = regex.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key, timeout=_budget())
+            except (TimeoutError, regex.error) as e:
+                raise _fail("layers_pattern", f"{pattern!r} cannot be matched against module names: {e}") from e
             if match is not None:
                 break
     return int(match["idx"]) if match else None

@@ -243,3 +243,20 @@ def test_rank_pattern_shapes_the_tensors() -> None:
     tensors = _q_tensors()
     tensors[A.format(1)], tensors[B.format(1)] = (2, 64), (32, 2)
     assert [p.target.rank for p in plan.match_tensors(tensors, DIMS)] == [4, 2]
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"target_modules": r"(.*){1,30}\d\d"}, "target_modules"),
+        ({"rank_pattern": {r"(?:[a-z]|\w|.)*(?:[a-z]|\w|.)*(?:[a-z]|\w|.)*_\d": 4}}, "rank_pattern"),
+    ],
+)
+def test_a_pattern_that_backtracks_for_minutes_is_refused_in_seconds(changes: dict, field: str) -> None:
+    import time
+
+    start = time.monotonic()
+    with pytest.raises(InvalidArtifact) as info:
+        PeftLoraConfig.from_dict(_config(**changes)).plan(80)  # a Llama-70B-deep backbone
+    assert info.value.details["field"] == field and "takes too long" in info.value.message
+    assert time.monotonic() - start < 30  # with re (as PEFT matches) it runs for minutes
