@@ -406,16 +406,17 @@ def _is_int(value: object) -> bool:
 
 def _rank(field: str, value: object, max_rank: int | None) -> int:
     top = max_rank if max_rank is not None else 1 << 16
-    if not _is_int(value) or not 1 <= value <= top:  # type: ignore[operator]
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= top:
         raise _fail(field, f"rank {value!r} must be an integer in 1..{top}")
-    return int(value)  # type: ignore[arg-type]
+    return value
 
 
 def _alpha(field: str, value: object) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok or not math.isfinite(value) or not 0 < value <= 1e6:  # type: ignore[arg-type,operator]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise _fail(field, f"{value!r} must be a positive number up to 1e6")
-    return float(value)  # type: ignore[arg-type]
+    if not 0 < value <= 1e6:
+        raise _fail(field, f"{value!r} must be a positive number up to 1e6")
+    return float(value)
 
 
 def _flag(field: str, value: object) -> bool:
@@ -479,8 +480,8 @@ def _exclude_modules(value: object) -> tuple[str, ...] | str | None:
 def _layers_to_transform(value: object) -> tuple[int, ...] | None:
     if value is None or value == []:
         return None
-    if _is_int(value):
-        return (int(value),)  # type: ignore[call-overload]
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value,)
     if not isinstance(value, list) or not all(_is_int(v) for v in value):
         raise _fail("layers_to_transform", f"must be a layer index or a list of them, got {value!r}")
     return tuple(value)

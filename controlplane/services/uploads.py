@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 from minio.error import S3Error
 
@@ -76,7 +76,7 @@ class _Budget:
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes, self.used = max_bytes, 0
 
-    def copy(self, src: BinaryIO, dest: Path) -> None:
+    def copy(self, src: IO[bytes], dest: Path) -> None:
         with open(dest, "wb") as out:
             while chunk := src.read(_CHUNK):
                 self.used += len(chunk)
