@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 from controlplane.services.validation import BackboneSpec, validate_adapter
@@ -72,6 +72,7 @@ def _backbone_spec(model) -> BackboneSpec:
     max_examples=5,
     deadline=None,
     derandomize=True,
+    phases=[Phase.explicit, Phase.generate],  # no shrinking: the assertion names the config
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @example(config={"r": 16, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], "rank_pattern": {"q_proj": 8}})
@@ -105,10 +106,10 @@ def test_what_registration_accepts_the_engine_serves_like_peft(
         captured.setdefault(r, []).append(logits[i].clone()) for i, r in enumerate(ids)
     ]
     requests = [
-        EngineRequest("a", "new", tokenizer.encode(PROMPTS[0]), max_tokens=STEPS),
-        EngineRequest("b", "all16", tokenizer.encode(PROMPTS[1]), max_tokens=STEPS),
-        EngineRequest("c", "new", tokenizer.encode(PROMPTS[2]), max_tokens=STEPS),
-        EngineRequest("d", "r8", tokenizer.encode(PROMPTS[1]), max_tokens=STEPS),
+        EngineRequest("a", "new", tokenizer.encode(PROMPTS[0]), max_tokens=STEPS, ignore_eos=True),
+        EngineRequest("b", "all16", tokenizer.encode(PROMPTS[1]), max_tokens=STEPS, ignore_eos=True),
+        EngineRequest("c", "new", tokenizer.encode(PROMPTS[2]), max_tokens=STEPS, ignore_eos=True),
+        EngineRequest("d", "r8", tokenizer.encode(PROMPTS[1]), max_tokens=STEPS, ignore_eos=True),
     ]
     for req in requests:
         engine.add_request(req)
