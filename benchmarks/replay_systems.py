@@ -20,7 +20,7 @@ from pathlib import Path
 
 import nats
 
-from controlplane.services import catalog
+from controlplane.services import catalog, functions
 from launcher.devstack import free_port
 from launcher.platform import admin, create_tenant_with_key, prepare, publish_backbone, register_function
 from launcher.stack import PlatformProcesses, wait_for_worker
@@ -207,7 +207,7 @@ class LorafaasSystem(System):
         names = Names(self.settings.nats.prefix)
         async with admin(self.settings) as a:
             refs = [
-                (await catalog.served_function(a.session, self.tenant_id, fn.name)).adapter_ref()
+                (await functions.served_function(a.session, self.tenant_id, fn.name)).adapter_ref()
                 for fn in self.setup.functions
             ]
         nc = await nats.connect(self.settings.nats.url)

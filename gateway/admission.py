@@ -16,11 +16,11 @@ import hashlib
 import json
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controlplane.db.models import Invocation
-from controlplane.services.catalog import ServedFunction
+from controlplane.services import invocations
+from controlplane.services.functions import ServedFunction
 from lorafaas.errors import Conflict, InvalidInput, QuotaExceeded
 from lorafaas.settings import LimitSettings, NatsSettings
 
@@ -39,14 +39,11 @@ async def idempotent_replay(
     """The invocation this key already names, or None when the key is new (or expired, then freed)."""
     if not key or len(key) > 256:
         raise InvalidInput("Idempotency-Key must be 1-256 characters", param="Idempotency-Key")
-    row = await session.scalar(
-        select(Invocation).where(Invocation.tenant_id == tenant_id, Invocation.idempotency_key == key)
-    )
+    row = await invocations.by_idempotency_key(session, tenant_id, key)
     if row is None:
         return None
     if row.accepted_at < datetime.now(UTC) - timedelta(seconds=ttl_s):
-        row.idempotency_key = None  # expired: the key may name a new invocation
-        await session.flush()
+        await invocations.release_idempotency_key(session, row.id)  # expired: the key may name a new invocation
         return None
     if row.request_hash != digest:
         raise Conflict(

@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from controlplane.db.migrate import prepare_database
 from controlplane.db.session import make_engine, make_sessionmaker
-from controlplane.services import catalog, keys, ledger
+from controlplane.services import catalog, functions, keys, ledger
 from lorafaas.artifacts import ArtifactStore
 from lorafaas.errors import NotFound
 from lorafaas.names import backbone_prefix
@@ -95,7 +95,7 @@ async def register_function(
     price_in: int | None,
     price_out: int | None,
     progress: object | None = None,
-) -> catalog.ServedFunction:
+) -> functions.ServedFunction:
     async with admin(settings) as a:
         return await catalog.register_function(
             a.session,

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from controlplane.db.models import AdapterArtifact, ApiKey, Backbone, Invocation, Tenant, Worker
 from controlplane.services import ledger
-from controlplane.services.catalog import ServedFunction
+from controlplane.services.functions import ServedFunction
 
 T = TypeVar("T")
 Scope = Literal["invoke", "read-usage", "manage-functions"]

@@ -29,7 +29,7 @@ from controlplane.api.schemas import (
     VersionsOut,
     usd,
 )
-from controlplane.services import catalog, invocations, ledger
+from controlplane.services import catalog, functions, invocations, ledger
 from controlplane.services.uploads import AdapterSource, staged
 
 router = APIRouter(prefix="/v1", tags=["tenant"])
@@ -40,7 +40,7 @@ MANAGE, READ_USAGE = "manage-functions", "read-usage"
 # --- functions --------------------------------------------------------------------------
 @router.get("/functions", response_model=Page[FunctionOut])
 async def list_functions(principal: PrincipalDep, session: ReadSessionDep) -> Page[FunctionOut]:
-    return Page(data=[FunctionOut.of(s) for s in await catalog.list_functions(session, principal.tenant_id)])
+    return Page(data=[FunctionOut.of(s) for s in await functions.list_functions(session, principal.tenant_id)])
 
 
 @router.post("/functions", status_code=201, response_model=FunctionOut)
@@ -76,7 +76,7 @@ async def register_function(
 
 @router.get("/functions/{name}", response_model=FunctionOut)
 async def get_function(name: str, principal: PrincipalDep, session: ReadSessionDep) -> FunctionOut:
-    return FunctionOut.of(await catalog.served_function(session, principal.tenant_id, name))
+    return FunctionOut.of(await functions.served_function(session, principal.tenant_id, name))
 
 
 @router.get("/functions/{name}/versions", response_model=VersionsOut)
