@@ -72,7 +72,8 @@ def check_limits(
     context = served.backbone.max_context
     if prompt_tokens is not None and prompt_tokens + max_tokens > context:
         raise InvalidInput(
-            f"prompt of {prompt_tokens} tokens plus max_tokens={max_tokens} exceeds the backbone's context of {context} tokens",
+            f"prompt of {prompt_tokens} tokens plus max_tokens={max_tokens} "
+            f"exceeds the backbone's context of {context} tokens",
             param="prompt",
             limit=context,
         )
@@ -85,7 +86,8 @@ def queue_limit(served: ServedFunction, nats: NatsSettings) -> int:
 def check_queue(served: ServedFunction, depth: int, limit: int) -> None:
     if depth >= limit:
         raise QuotaExceeded(
-            f"function '{served.function.name}' has {depth} invocations queued or running; its queue limit is {limit}. Retry after {RETRY_AFTER_S:g}s",
+            f"function '{served.function.name}' has {depth} invocations queued or running; "
+            f"its queue limit is {limit}. Retry after {RETRY_AFTER_S:g}s",
             retry_after_s=RETRY_AFTER_S,
             headers={
                 "x-ratelimit-limit-requests": str(limit),

@@ -29,8 +29,14 @@ from controlplane.api.schemas import (
 )
 from controlplane.db.models import TenantStatus
 from controlplane.services import catalog, functions, keys, ledger, quotas, workers
+from lorafaas.http_errors import error_responses
 
-router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_operator)])
+router = APIRouter(
+    prefix="/admin",
+    tags=["admin"],
+    dependencies=[Depends(require_operator)],
+    responses=error_responses(400, 401, 404, 409, 503),
+)
 
 
 # --- tenants ----------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controlplane.db.models import AdapterArtifact, Backbone, Function
-from controlplane.services.functions import ServedFunction, served_function
+from controlplane.services.functions import ServedFunction, served_function, valid_name
 from controlplane.services.validation import AdapterSpec, BackboneSpec, validate_adapter
 from lorafaas.artifacts import ArtifactStore, StoredArtifact, adapter_files, file_sha256, folder_digest, parse_s3_uri
 from lorafaas.errors import Conflict, InvalidInput, NotFound
@@ -150,7 +150,7 @@ async def register_function(
     upload is removed again (unless another version already uses the same content), so a
     refusal leaves nothing behind.
     """
-    if not name or len(name) > 128 or not all(c.isalnum() or c in "-_." for c in name):
+    if not valid_name(name):
         raise InvalidInput("function name must be 1-128 characters of letters, digits, '-', '_' or '.'")
     backbone = await backbone_by_name(session, backbone_name)
     spec = await asyncio.to_thread(validate_adapter, adapter_folder, await backbone_spec(session, backbone), limits)

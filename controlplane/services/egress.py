@@ -43,6 +43,8 @@ class EgressPolicy:
 
     def check_url(self, url: str) -> None:
         """400 for a URL that is not http(s) with a host, or names a refused address or localhost."""
+        if any(ord(c) < 0x21 or c == "\x7f" for c in url):  # NUL, spaces, line breaks: never a real URL
+            raise InvalidInput("callback_url contains a control character or space", param="callback_url")
         try:
             parts = urlsplit(url)
             host, _port = parts.hostname, parts.port  # the port raises ValueError when out of range

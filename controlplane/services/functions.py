@@ -15,6 +15,13 @@ from controlplane.db.models import AdapterArtifact, Backbone, Function
 from lorafaas.errors import NotFound
 from lorafaas.wire import AdapterRef
 
+MAX_NAME = 128
+
+
+def valid_name(name: str) -> bool:
+    """Function names: 1-128 letters, digits, '-', '_' or '.'; nothing else can name a function."""
+    return 0 < len(name) <= MAX_NAME and all(c.isalnum() or c in "-_." for c in name)
+
 
 @dataclass(frozen=True)
 class ServedFunction:
@@ -31,6 +38,8 @@ class ServedFunction:
 
 async def served_function(session: AsyncSession, tenant_id: str, name: str) -> ServedFunction:
     """The tenant's function by name. Another tenant's function is 'not found', like a missing one."""
+    if not valid_name(name):  # e.g. a NUL character: no such function, and no query to send
+        raise NotFound(f"function {name[:MAX_NAME]!r} not found", function=name[:MAX_NAME])
     row = (
         await session.execute(
             select(Function, AdapterArtifact, Backbone)
