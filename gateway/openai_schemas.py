@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from gateway.schemas import MAX_TOKENS_BOUND, InvokeRequest, Usage
+from gateway.schemas import MAX_TOKENS_BOUND, InvokeRequest, Text, Usage
 from lorafaas.errors import InvalidInput
 from lorafaas.wire import InvocationMode
 
@@ -55,7 +55,7 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
 class _Common(BaseModel):
     # OpenAI clients send fields that do not change the answer (user, metadata, store, ...): ignore those.
     model_config = ConfigDict(extra="allow")
-    model: str = Field(max_length=128, description="The function name.")
+    model: Text = Field(max_length=128, description="The function name.")
     temperature: float | None = Field(
         default=None, strict=True, description="0 is greedy; otherwise 0.01..2 (default 1)."
     )

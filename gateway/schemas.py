@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from typing import Annotated
 
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from lorafaas.http_errors import check_text
 from lorafaas.wire import InvocationMode, Timings
 
 # Sampling bounds: a temperature between 0 and MIN_TEMPERATURE divides the logits into
@@ -15,11 +18,13 @@ MIN_TOP_P = 0.001
 # it), low enough that sums with prompt tokens stay inside Postgres integers.
 MAX_TOKENS_BOUND = 1 << 20
 MAX_SEED = 2**63 - 1
+# Client text: no NUL, no unpaired surrogate (neither can be queued or stored).
+Text = Annotated[str, AfterValidator(check_text)]
 
 
 class InvokeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    prompt: str = Field(min_length=1, description="The text to complete; must not be empty.")
+    prompt: Text = Field(min_length=1, description="The text to complete; must not be empty.")
     max_tokens: int = Field(
         default=64, ge=1, le=MAX_TOKENS_BOUND, strict=True, description="Tokens to generate, 1..the function's limit."
     )
@@ -41,13 +46,13 @@ class InvokeRequest(BaseModel):
     seed: int | None = Field(
         default=None, ge=0, le=MAX_SEED, strict=True, description="Makes sampling reproducible; 0..2^63-1."
     )
-    stop: list[str] = Field(default_factory=list, max_length=4, description="Up to 4 stop strings.")
+    stop: list[Text] = Field(default_factory=list, max_length=4, description="Up to 4 stop strings.")
     mode: InvocationMode = Field(
         default=InvocationMode.SYNC,
         description="sync: wait for the result; stream: server-sent events, token by token; "
         "async: 202 with an id to poll.",
     )
-    callback_url: str | None = Field(
+    callback_url: Text | None = Field(
         default=None,
         max_length=2048,
         description="async only: POST the signed result here when the invocation finishes "

@@ -46,6 +46,18 @@ STATUS: dict[type[errors.LorafaasError], int] = {
 Translator = Callable[[Exception], errors.LorafaasError | None]
 
 
+def check_text(value: str) -> str:
+    """A pydantic validator for text from clients: no NUL (Postgres cannot store it) and no unpaired
+    surrogate (a JSON escape like ``\\ud800`` that UTF-8, and so NATS and Postgres, cannot carry)."""
+    if "\x00" in value:
+        raise ValueError("must not contain a NUL character")
+    try:
+        value.encode()
+    except UnicodeEncodeError as e:
+        raise ValueError("must be valid Unicode (it contains an unpaired surrogate)") from e
+    return value
+
+
 def error_body(message: str, type_: str, code: str | None = None, param: str | None = None, **extra: object) -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": code or type_, **extra}}
 
@@ -164,6 +176,7 @@ _MEANING = {
     403: "The API key lacks the scope this route needs",
     404: "Not found (another tenant's resources read as missing)",
     409: "Conflicts with the current state",
+    413: "The upload is larger than the limit",
     422: "The adapter cannot be served; the message names the file, tensor and problem",
     429: "Rate limit, concurrency quota or queue limit; retry after `Retry-After` seconds",
     502: "The invocation failed on the worker",

@@ -6,11 +6,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Generic, Literal, TypeVar
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
 from controlplane.db.models import AdapterArtifact, ApiKey, Backbone, Invocation, Tenant, Worker
 from controlplane.services import ledger
 from controlplane.services.functions import ServedFunction
+from lorafaas.http_errors import check_text
 
 T = TypeVar("T")
 Scope = Literal["invoke", "read-usage", "manage-functions"]
@@ -25,13 +26,7 @@ MAX_KEY_LIFETIME_S = 100 * 365 * 24 * 3600.0
 MAX_UNIX_S = 32_503_680_000  # 3000-01-01: times past it are typos, and year 10000 would overflow
 
 
-def _no_nul(value: str) -> str:
-    if "\x00" in value:
-        raise ValueError("must not contain a NUL character")
-    return value
-
-
-Text = Annotated[str, AfterValidator(_no_nul)]
+Text = Annotated[str, AfterValidator(check_text)]
 Price = Annotated[int, Field(strict=True, ge=0, le=MAX_PRICE, description="Micro-dollars per 1M tokens")]
 Int32 = Annotated[int, Field(strict=True, ge=0, le=INT32_MAX)]
 Int64 = Annotated[int, Field(strict=True, ge=0, le=INT64_MAX)]
@@ -85,10 +80,19 @@ class TenantOut(BaseModel):
 class KeyCreate(Body):
     name: Text = Field(default="", max_length=128)
     scopes: list[Scope] = Field(default_factory=lambda: ["invoke", "read-usage", "manage-functions"], min_length=1)
-    expires_at: AwareDatetime | None = Field(default=None, description="With a time zone, e.g. 2027-01-01T00:00:00Z")
+    expires_at: AwareDatetime | None = Field(
+        default=None, description="With a time zone, e.g. 2027-01-01T00:00:00Z; before the year 3000"
+    )
     expires_in_s: float | None = Field(
         default=None, gt=0, le=MAX_KEY_LIFETIME_S, strict=True, allow_inf_nan=False, description="At most 100 years"
     )
+
+    @field_validator("expires_at")
+    @classmethod
+    def _expires_in_range(cls, value: datetime | None) -> datetime | None:
+        if value is not None and not 0 <= value.timestamp() <= MAX_UNIX_S:
+            raise ValueError("must be between 1970 and the year 3000")
+        return value
 
 
 class KeyOut(BaseModel):

@@ -30,8 +30,9 @@ _TRANSIENT_CODES = ("55P03",)  # lock not available
 _DATA_CLASS = "22"  # data exception: invalid byte sequence (NUL), numeric or datetime out of range
 
 RETRY_AFTER_S = 1.0
-# The errors a database call raises besides DBAPIError: a refused or timed-out connect.
-DATABASE_ERRORS: tuple[type[Exception], ...] = (DBAPIError, PoolTimeout, OSError, asyncio.TimeoutError)
+# What a handler may see from the database: SQLAlchemy's errors, and a refused or timed-out
+# connect (raw). Other OSErrors (a file name too long, ...) are not the database's.
+DATABASE_ERRORS: tuple[type[Exception], ...] = (DBAPIError, PoolTimeout, ConnectionError, TimeoutError)
 
 
 class DbFailure(StrEnum):

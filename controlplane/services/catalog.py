@@ -56,9 +56,10 @@ async def register_backbone_from(
         config = await asyncio.to_thread(_read_s3_config, store, uri)
     else:
         folder = Path(uri)
-        if not (folder / "config.json").is_file():
-            raise InvalidInput(f"{uri} is not a model folder with a config.json", param="uri")
-        config = json.loads((folder / "config.json").read_text())
+        try:
+            config = _config(uri, (folder / "config.json").read_bytes())
+        except OSError as e:  # missing, not a folder, a name too long, unreadable
+            raise InvalidInput(f"{uri} is not a model folder with a readable config.json", param="uri") from e
         await asyncio.to_thread(store.upload_folder, folder, backbone_prefix(name))
         uri = f"s3://{store.bucket}/{backbone_prefix(name)}"
     shape = shape or backbone_shape(config)
@@ -76,14 +77,26 @@ async def register_backbone_from(
     )
 
 
+def _config(uri: str, raw: bytes) -> dict:
+    try:
+        config = json.loads(raw)
+    except ValueError as e:
+        raise InvalidInput(f"{uri}/config.json is not valid JSON ({e})", param="uri") from e
+    if not isinstance(config, dict):
+        raise InvalidInput(f"{uri}/config.json is not a JSON object", param="uri")
+    return config
+
+
 def _read_s3_config(store: ArtifactStore, uri: str) -> dict:
     bucket, prefix = parse_s3_uri(uri)
     try:
         response = store.client.get_object(bucket, f"{prefix}/config.json")
     except S3Error as e:
         raise InvalidInput(f"{uri}/config.json cannot be read ({e.code})", param="uri") from e
+    except ValueError as e:  # the client refuses an invalid bucket or object name before asking
+        raise InvalidInput(f"{uri} is not a valid s3:// location ({e})", param="uri") from e
     try:
-        return json.loads(response.read())
+        return _config(uri, response.read())
     finally:
         response.close()
         response.release_conn()

@@ -38,7 +38,11 @@ async def test_nul_characters_are_400_or_404(platform: Platform) -> None:
             ("/v1/chat/completions", {"model": "\u0000", "messages": [{"role": "user", "content": "hi"}]}),
         ):
             response = await client.post(route, json=body)
-            assert response.status_code == 404 and response.json()["error"]["code"] == "not_found", response.text
+            assert response.status_code == 400 and response.json()["error"]["param"] == "model", response.text
+        for body in ({"prompt": "a\u0000b"}, {"prompt": "hi", "stop": ["\u0000"]}, {"prompt": "\ud800"}):
+            raw = json.dumps(body).encode()  # \ud800: an unpaired surrogate, which UTF-8 cannot carry
+            response = await client.post(INVOKE, content=raw, headers={"content-type": "application/json"})
+            assert response.status_code == 400, response.text
         job = {"prompt": "hi", "max_tokens": 2, "mode": "async", "callback_url": "https://example.com/\u0000"}
         _bad_request(await client.post(INVOKE, json=job), "callback_url")
 
