@@ -18,8 +18,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from controlplane.db.models import Invocation, InvocationState
-from controlplane.services import functions, invocations, keys
+from controlplane.services import invocations, keys
 from controlplane.services.egress import EgressPolicy
+from controlplane.services.functions import ServedFunction, list_functions, served_function
 from controlplane.services.keys import Principal
 from controlplane.services.quotas import TenantQuota
 from gateway import admission
@@ -61,19 +62,19 @@ class InvocationService:
     quotas: QuotaGuard | None = None
     # (tenant, function name) -> (expiry, resolved function): saves a join per request; a new
     # adapter version or limit is seen within SERVED_TTL_S.
-    _served: dict[tuple[str, str], tuple[float, functions.ServedFunction]] = field(default_factory=dict, init=False)
+    _served: dict[tuple[str, str], tuple[float, ServedFunction]] = field(default_factory=dict, init=False)
     egress: EgressPolicy = field(init=False)
 
     def __post_init__(self) -> None:
         self.egress = EgressPolicy.of(self.settings.callbacks)
 
-    async def _served_function(self, tenant_id: str, name: str) -> functions.ServedFunction:
+    async def _served_function(self, tenant_id: str, name: str) -> ServedFunction:
         now = time.monotonic()
         cached = self._served.get((tenant_id, name))
         if cached is not None and cached[0] > now:
             return cached[1]
         async with self.sessions() as session:  # closing detaches the rows with their loaded values
-            served = await functions.served_function(session, tenant_id, name)
+            served = await served_function(session, tenant_id, name)
         self._served[(tenant_id, name)] = (now + SERVED_TTL_S, served)
         return served
 
@@ -142,7 +143,7 @@ class InvocationService:
         self,
         session: AsyncSession | AsyncConnection,
         principal: Principal,
-        served: functions.ServedFunction,
+        served: ServedFunction,
         quota: TenantQuota | None,
         req: InvokeRequest,
         started: float,
@@ -321,9 +322,9 @@ class InvocationService:
             )
         return status_of(row)
 
-    async def functions(self, principal: Principal) -> list[functions.ServedFunction]:
+    async def functions(self, principal: Principal) -> list[ServedFunction]:
         async with self.sessions() as session:
-            return await functions.list_functions(session, principal.tenant_id)
+            return await list_functions(session, principal.tenant_id)
 
     async def callback_secret(self, principal: Principal) -> str:
         """The secret that signs this tenant's callbacks: for keys that may invoke (and so ask for callbacks)."""

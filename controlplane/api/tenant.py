@@ -141,7 +141,7 @@ async def usage(
 ) -> UsagePage:
     """Usage per UTC hour or day, like OpenAI's usage API: invocations, input and output tokens, amount."""
     principal.require(READ_USAGE)
-    start, end = _ts(start_time), _ts(end_time) or datetime.now(UTC)
+    start, end = datetime.fromtimestamp(start_time, UTC), _ts(end_time) or datetime.now(UTC)
     buckets = ledger.bucket_starts(start, end, bucket_width)
     function_id = (await catalog.function_by_name(session, principal.tenant_id, function)).id if function else None
     rows = await ledger.usage_by_bucket(

@@ -78,7 +78,7 @@ class EgressPolicy:
         except OSError:
             return None  # unresolvable now: the POST fails the same way and is retried like any connect error
         for info in infos:
-            address = ipaddress.ip_address(info[4][0].split("%")[0])
+            address = ipaddress.ip_address(str(info[4][0]).split("%")[0])  # drop an IPv6 zone (fe80::1%eth0)
             if not self.permits(address):
                 return f"refused: {host} resolves to {address}, a loopback, private or link-local address"
         return None

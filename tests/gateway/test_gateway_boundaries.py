@@ -3,13 +3,16 @@ and what its OpenAPI document promises."""
 
 from __future__ import annotations
 
+import ast
 import ipaddress
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+import gateway
 from controlplane.services.egress import EgressPolicy
 from lorafaas.errors import InvalidInput
 from lorafaas.settings import Settings
@@ -121,3 +124,21 @@ def test_openapi_documents_every_error_status_in_the_error_shape() -> None:
         assert set(responses["200"]["content"]) == {"application/json", "text/event-stream"}, path
         assert {"402", "403", "404", "409", "429", "502", "504"} <= set(responses), path
     assert "202" in gateway["/v1/functions/{function}/invoke"]["post"]["responses"]
+
+
+def test_gateway_modules_build_no_sql_of_their_own() -> None:
+    """Rows are read and written through control-plane repository functions, not gateway SQL."""
+    builders = {"select", "insert", "update", "delete", "text", "func", "bindparam"}
+    offenders = []
+    for path in sorted(Path(gateway.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("sqlalchemy"):
+                offenders += [f"{path.name}: {a.name}" for a in node.names if a.name in builders]
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                if (
+                    node.func.attr in {"execute", "scalar", "scalars", "add", "delete", "flush"}
+                    and isinstance(node.func.value, ast.Name)
+                    and node.func.value.id in {"session", "connection", "conn"}
+                ):
+                    offenders.append(f"{path.name}:{node.lineno}: session.{node.func.attr}")
+    assert offenders == []
