@@ -33,7 +33,7 @@ class InvokeRequest(BaseModel):
         default=0.0,
         strict=True,
         allow_inf_nan=False,
-        json_schema_extra={"minimum": 0.0, "maximum": MAX_TEMPERATURE},
+        json_schema_extra={"anyOf": [{"const": 0}, {"minimum": MIN_TEMPERATURE, "maximum": MAX_TEMPERATURE}]},
         description=f"0 is greedy; otherwise {MIN_TEMPERATURE}..{MAX_TEMPERATURE}.",
     )
     top_p: float = Field(
