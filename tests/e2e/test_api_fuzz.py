@@ -71,34 +71,43 @@ def _name_the_function(case: schemathesis.Case) -> None:
         case.body["model"] = FUNCTION
 
 
-def _fuzz(url: str, headers: Callable[[schemathesis.Case], dict[str, str]]) -> list[str]:
-    """Run every operation of the document at ``url``; the failures, one line each."""
+Headers = Callable[[schemathesis.Case], dict[str, str]]
+
+
+def _fuzz_operation(
+    operation: schemathesis.APIOperation, mode: GenerationMode, http: requests.Session, headers: Headers
+) -> str | None:
+    """Generated requests for one operation in one mode; the failure found, or None."""
+
+    @seed(SEED)
+    @settings(
+        max_examples=EXAMPLES[mode],
+        deadline=None,
+        database=None,  # the same examples every run, not last run's failures first
+        phases=[Phase.explicit, Phase.generate],  # no shrinking: report what was found
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(case=operation.as_strategy(generation_mode=mode))
+    def run(case: schemathesis.Case) -> None:
+        if mode == GenerationMode.POSITIVE:  # a negative case keeps the violation it was built with
+            _name_the_function(case)
+        case.call_and_validate(session=http, headers=headers(case), checks=CHECKS, timeout=TIMEOUT_S)
+
+    try:
+        run()
+    except (Exception, BaseExceptionGroup) as e:  # schemathesis groups its failures; the message names each
+        return f"{operation.method.upper()} {operation.path} ({mode}): {e}"
+    return None
+
+
+def _fuzz(url: str, headers: Headers) -> list[str]:
+    """Run every operation of the document at ``url`` in both modes; the failures, one entry each."""
     schema = schemathesis.openapi.from_url(url)
     http = requests.Session()
-    failures: list[str] = []
-    for result in schema.get_all_operations():
-        operation = result.ok()
-        for mode, examples in EXAMPLES.items():
-
-            @seed(SEED)
-            @settings(
-                max_examples=examples,
-                deadline=None,
-                database=None,  # the same examples every run, not last run's failures first
-                phases=[Phase.explicit, Phase.generate],  # no shrinking: report what was found
-                suppress_health_check=list(HealthCheck),
-            )
-            @given(case=operation.as_strategy(generation_mode=mode))
-            def run(case: schemathesis.Case, mode: GenerationMode = mode) -> None:
-                if mode == GenerationMode.POSITIVE:  # a negative case keeps the violation it was built with
-                    _name_the_function(case)
-                case.call_and_validate(session=http, headers=headers(case), checks=CHECKS, timeout=TIMEOUT_S)
-
-            try:
-                run()
-            except (Exception, BaseExceptionGroup) as e:  # schemathesis groups its failures; the message names each
-                failures.append(f"{operation.method.upper()} {operation.path} ({mode}): {e}")
-    return failures
+    found = (
+        _fuzz_operation(result.ok(), mode, http, headers) for result in schema.get_all_operations() for mode in EXAMPLES
+    )
+    return [failure for failure in found if failure is not None]
 
 
 def test_both_services_answer_as_documented(platform: Platform, fuzz_key: str) -> None:
