@@ -62,6 +62,13 @@ def error_body(message: str, type_: str, code: str | None = None, param: str | N
     return {"error": {"message": message, "type": type_, "param": param, "code": code or type_, **extra}}
 
 
+def domain_body(exc: errors.LorafaasError) -> dict:
+    """The error body of a domain error: its message and code, and its plain details (param, limit, ...)."""
+    body = error_body(exc.message, exc.code)
+    body["error"].update({k: v for k, v in exc.details.items() if isinstance(v, (str, int, float, bool)) or v is None})
+    return body
+
+
 def status_of(exc: errors.LorafaasError) -> int:
     for cls in type(exc).__mro__:
         if cls in STATUS:
@@ -76,8 +83,7 @@ async def _domain_error(_: Request, exc: Exception) -> JSONResponse:
     retry_after = getattr(exc, "retry_after_s", None)
     if retry_after is not None:
         headers["Retry-After"] = str(max(1, round(retry_after)))
-    extra = {k: v for k, v in exc.details.items() if isinstance(v, (str, int, float, bool)) or v is None}
-    return JSONResponse(error_body(exc.message, exc.code, **extra), status_code=status, headers=headers)
+    return JSONResponse(domain_body(exc), status_code=status, headers=headers)
 
 
 def _describe(error: dict) -> str:
