@@ -100,7 +100,7 @@ class LoraEngine:
             self.pool.touch(adapter_id)
             return
         self._check_fits_backbone(adapter_id, weights)
-        meta = AdapterMeta(weights.rank, weights.scaling, weights.layout)
+        meta = AdapterMeta(weights.rank, weights.layout)
         entry, evicted = self.pool.load(adapter_id, weights.numel, meta)
         for victim in evicted:
             self.stacks.invalidate(victim)

@@ -38,9 +38,8 @@ SITES: dict[str, tuple[str, ...]] = {
 class AdapterMeta:
     """What the engine keeps about a resident adapter besides its pages."""
 
-    rank: int
-    scaling: float
-    layout: tuple[LoraSlice, ...]
+    rank: int  # the largest rank of any of its modules
+    layout: tuple[LoraSlice, ...]  # each module's own rank and scaling
 
     def slices(self) -> dict[tuple[int, str], LoraSlice]:
         return {(s.layer, s.module): s for s in self.layout}
@@ -162,10 +161,7 @@ class LoraBatchBuilder:
         groups: dict[tuple[int, str], list[RankGroup]] = {}
         for layer in range(self.num_layers):
             for site, modules in SITES.items():
-                runs = _runs(
-                    adapters,
-                    lambda a: (metas[a].rank, len(by_adapter[a]), tuple(m for m in modules if (layer, m) in slices[a])),  # noqa: B023 (called at once)
-                )
+                runs = _runs(adapters, lambda a: _site_key(slices[a], layer, modules, len(by_adapter[a])))  # noqa: B023 (called at once)
                 groups[(layer, site)] = [
                     self._group(layer, site, key, ids, start, metas, flats) for key, ids, start in runs if key[2]
                 ]
@@ -173,26 +169,34 @@ class LoraBatchBuilder:
 
     def _group(self, layer, site, key, ids, start, metas, flats) -> RankGroup:
         rank, m, modules = key
-        a_cat, bs = self.cache.get((layer, site, ids, modules), lambda: self._stack(layer, modules, ids, metas, flats))
+        a_cat, bs = self.cache.get(
+            (layer, site, ids, modules, rank), lambda: self._stack(layer, modules, ids, rank, metas, flats)
+        )
         return RankGroup(modules, rank, len(ids), m, start, a_cat, bs)
 
-    def _stack(self, layer, modules, ids, metas, flats) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """[k, in, r*n] A^T side by side per module, and per module [k, r, out] scaling * B^T."""
+    def _stack(self, layer, modules, ids, rank, metas, flats) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """[k, in, r*n] A^T side by side per module, and per module [k, r, out] scaling * B^T (r: the group's rank)."""
         a_cols, bs = [], []
         for module in modules:
             a_list, b_list = [], []
             for a in ids:
                 if a not in flats:
                     flats[a] = self._read_flat(a)
-                s = metas[a].slices()[(layer, module)]
-                r = metas[a].rank
-                a_mat = flats[a][s.a_offset : s.a_offset + r * s.in_features].view(r, s.in_features)
-                b_mat = flats[a][s.b_offset : s.b_offset + s.out_features * r].view(s.out_features, r)
-                a_list.append(a_mat.t())
-                b_list.append(b_mat.t() * metas[a].scaling)
+                a_t, b_t = metas[a].slices()[(layer, module)].stacked_pair(flats[a], rank)
+                a_list.append(a_t)
+                b_list.append(b_t)
             a_cols.append(torch.stack(a_list))
             bs.append(torch.stack(b_list).contiguous())
         return torch.cat(a_cols, dim=2).contiguous(), tuple(bs)
+
+
+def _site_key(
+    slices: dict[tuple[int, str], LoraSlice], layer: int, modules: tuple[str, ...], rows: int
+) -> tuple[int, int, tuple[str, ...]]:
+    """(rank, rows, targeted modules) of one adapter at one site: the rank is the largest of those
+    modules' own ranks (``rank_pattern`` may give each its own), so a group computes no more."""
+    targeted = tuple(m for m in modules if (layer, m) in slices)
+    return max((slices[(layer, m)].rank for m in targeted), default=0), rows, targeted
 
 
 def _runs(adapters: list[str], key: Callable[[str], tuple]) -> list[tuple[tuple, tuple[str, ...], int]]:
