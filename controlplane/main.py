@@ -45,7 +45,8 @@ def create_app(settings: Settings) -> FastAPI:
         deadletters = DeadLetterMover(nc, js, names)
         await deadletters.start()
         await callbacks.resume()
-        registry = WorkerRegistry(nc, sessions, names, settings.controlplane.worker_dead_after_s)
+        cp = settings.controlplane
+        registry = WorkerRegistry(nc, sessions, names, cp.worker_dead_after_s, cp.engine_stuck_after_s)
         tasks = [
             asyncio.create_task(consumer.run(), name="event-consumer"),
             asyncio.create_task(registry.run(), name="worker-registry"),

@@ -13,6 +13,11 @@ from lorafaas.settings import NatsSettings
 
 DUPLICATE_WINDOW_S = 120.0
 EVENTS_MAX_AGE_S = 7 * 24 * 3600.0
+# The control plane applies an event in milliseconds; a generous AckWait only matters if it dies.
+EVENTS_ACK_WAIT_S = 30.0
+# Deliveries of one event before the control plane gives up on it and dead-letters it. A
+# database outage costs an event one delivery (the consumer pauses until the database is back).
+EVENTS_MAX_DELIVER = 20
 
 
 def stream_configs(names: Names) -> list[StreamConfig]:
@@ -44,7 +49,7 @@ def stream_configs(names: Names) -> list[StreamConfig]:
         ),
         StreamConfig(
             name=names.dead_letter_stream,
-            subjects=[f"{names.prefix}.dead.>"],
+            subjects=names.dead_letter_subjects,
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
             max_age=EVENTS_MAX_AGE_S,
@@ -94,7 +99,8 @@ def controlplane_consumer_config(names: Names, nats: NatsSettings) -> ConsumerCo
         durable_name=names.controlplane_consumer,
         filter_subject=names.events_wildcard,
         ack_policy=AckPolicy.EXPLICIT,
-        ack_wait=nats.ack_wait_s,
-        max_deliver=-1,  # the ledger must see every event eventually
+        ack_wait=EVENTS_ACK_WAIT_S,
+        # Bounded: the consumer dead-letters an event on its last delivery rather than retry it forever.
+        max_deliver=EVENTS_MAX_DELIVER,
         deliver_policy=DeliverPolicy.ALL,
     )
