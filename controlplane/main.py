@@ -74,6 +74,8 @@ def create_app(settings: Settings) -> FastAPI:
         return {
             "status": "ok" if app.state.nc.is_connected else "degraded",
             "events_applied": app.state.consumer.applied,
+            "events_dead_lettered": app.state.consumer.dead_lettered,
+            "database_outages": app.state.consumer.outages,
         }
 
     return app

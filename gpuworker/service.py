@@ -166,6 +166,10 @@ class WorkerService:
                     msgs = await sub.fetch(batch=room, timeout=0.25)
                 except (TimeoutError, NatsTimeout):  # nats-py raises either
                     continue
+                except Exception as e:  # NATS away: the client reconnects by itself; keep pulling after
+                    log.warning("pulling invocations failed, retrying: %r", e)
+                    await asyncio.sleep(0.5)
+                    continue
                 for msg in msgs:
                     self._spawn(self.handle(msg))
         finally:

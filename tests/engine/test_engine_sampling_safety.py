@@ -86,7 +86,7 @@ def test_a_poisoned_request_fails_alone_and_the_batch_goes_on(
 
 
 def test_context_limit_is_the_backbones_and_a_domain_error(make_engine, model_and_tokenizer) -> None:
-    model, tokenizer = model_and_tokenizer
+    model = model_and_tokenizer[0]
     engine = make_engine()
     assert engine.max_seq_len == model.config.max_position_embeddings  # one number, from the backbone
     prompt = [5] * (engine.max_seq_len - 4)
