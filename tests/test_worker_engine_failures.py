@@ -22,9 +22,10 @@ from gpuworker.adapters import AdapterManager
 from gpuworker.engine import AdapterWeights, EngineRequest, LoraEngine
 from gpuworker.models import load_backbone
 from gpuworker.runner import EngineFailed, EngineRunner
-from gpuworker.service import WorkerService, storable
+from gpuworker.service import PERMANENT, WorkerService, storable
 from lorafaas import wire
 from lorafaas.artifacts import ArtifactStore
+from lorafaas.errors import InvalidInput
 from lorafaas.names import Names
 from lorafaas.settings import NatsSettings, S3Settings, WorkerSettings
 
@@ -196,3 +197,33 @@ def weights_for_tiny(tiny, adapter_dirs: dict[str, Path]) -> list[AdapterWeights
 
 async def test_nul_is_replaced_in_what_is_streamed_returned_and_stored() -> None:
     assert storable("a\x00b\x00") == "a\ufffdb\ufffd" and storable("plain") == "plain"
+
+
+def _invocation(prompt: str, max_tokens: int, max_context: int | None) -> wire.Invocation:
+    ref = wire.AdapterRef(function_id="f", bucket="b", prefix="p", sha256="0" * 64, rank=8)
+    return wire.Invocation(
+        invocation_id="i",
+        tenant_id="t",
+        backbone="tiny",
+        adapter=ref,
+        prompt=prompt,
+        sampling=wire.SamplingParams(max_tokens=max_tokens),
+        max_context=max_context,
+    )
+
+
+async def test_the_worker_holds_an_invocation_to_the_backbone_records_context(tiny, tmp_path) -> None:
+    """Issue 13.2: one limit. The record's number travels with the invocation; the engine's is the backbone's."""
+    runner = _runner(tiny)
+    service = _service(runner, tiny, tmp_path)
+    model = tiny[0]
+    assert service.max_context == runner.engine.max_seq_len == model.config.max_position_embeddings
+    prompt = "the quick brown fox " * 5
+    n = len(service.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    assert service._tokenize(_invocation(prompt, 4, max_context=n + 4))  # exactly at the limit: fine
+    with pytest.raises(InvalidInput) as refused:
+        service._tokenize(_invocation(prompt, 5, max_context=n + 4))
+    assert refused.value.details["limit"] == n + 4 and f"context of {n + 4} tokens" in refused.value.message
+    with pytest.raises(InvalidInput):  # no record limit given: the engine's own
+        service._tokenize(_invocation(prompt, service.max_context - n + 1, max_context=None))
+    assert isinstance(refused.value, PERMANENT)  # never retried: answered failed at once

@@ -211,7 +211,7 @@ async def test_faults_under_load_settle_every_invocation_once_and_bill_what_was_
         url = f"http://127.0.0.1:{settings.gateway_port}"
         clients = [asyncio.create_task(load.run(url, key, rate_per_s=3.0, seed=i)) for i in range(2)]
         try:
-            await asyncio.sleep(3)
+            await asyncio.sleep(2)
             # 1. kill -9 a worker holding invocations: the other worker restarts them within one AckWait.
             for _ in range(1000):  # up to 20 s for w1 to be holding something
                 if events.running_on("w1"):
@@ -263,6 +263,10 @@ async def test_faults_under_load_settle_every_invocation_once_and_bill_what_was_
     numbers["succeeded"] = sum(r.state == InvocationState.SUCCEEDED for r in rows.values())
     print("\nfault test numbers:", {k: round(v, 2) for k, v in numbers.items()}, "refused:", load.refused)
     assert numbers["worker_kill_restart_max_s"] < 10.0, numbers
+    # Refused while a dependency is away: 503 with Retry-After. A 500 appears only while Postgres
+    # replays its log after the restart ("the database system is starting up", SQLSTATE 57P03),
+    # which issue 12 item 8 turns into a 503 at the gateway.
+    assert set(load.refused) <= {503, 500} and load.refused.get(500, 0) <= 3, load.refused
     assert numbers["accepted_while_controlplane_down"] > 0
     assert numbers["succeeded"] >= 0.9 * numbers["accepted"], numbers
 
