@@ -17,6 +17,7 @@ import logging
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 from pydantic import ValidationError
@@ -32,7 +33,7 @@ class DeadLetterMover:
     def __init__(self, nc: NATS, js: JetStreamContext, names: Names) -> None:
         self.nc, self.js, self.names = nc, js, names
         self.moved = 0
-        self._sub = None
+        self._sub: Subscription | None = None
 
     async def start(self) -> None:
         self._sub = await self.nc.subscribe(
@@ -62,14 +63,15 @@ class DeadLetterMover:
             f"no worker finished it in {deliveries} deliveries (consumer {consumer}); "
             "the last attempt died before answering"
         )
+        data = raw.data or b""
         try:
-            invocation = Invocation.decode(raw.data)
+            invocation = Invocation.decode(data)
         except (ValidationError, UnknownSchemaVersion) as e:
             log.error("dead-lettering undecodable message %d of %s: %s (%s)", seq, stream, reason, e)
-            subject = raw.subject.replace(f"{self.names.prefix}.invoke.", f"{self.names.prefix}.dead.", 1)
+            subject = (raw.subject or "").replace(f"{self.names.prefix}.invoke.", f"{self.names.prefix}.dead.", 1)
             await self.js.publish(
                 subject,
-                raw.data,
+                data,
                 headers={MSG_ID_HEADER: dead_message_msg_id(stream, seq), DEAD_REASON_HEADER: f"{reason}; {e}"},
             )
             await self.js.delete_msg(stream, seq)
@@ -77,7 +79,7 @@ class DeadLetterMover:
         inv_id = invocation.invocation_id
         await self.js.publish(
             self.names.dead_letter_subject(invocation.backbone),
-            raw.data,
+            data,
             headers={MSG_ID_HEADER: dead_msg_id(inv_id), DEAD_REASON_HEADER: reason},
         )
         failed = InvocationResult(

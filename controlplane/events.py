@@ -88,7 +88,7 @@ class EventConsumer:
     async def run(self) -> None:
         config = controlplane_consumer_config(self.names, self.nats)
         sub = await self.js.pull_subscribe(
-            config.filter_subject, durable=config.durable_name, stream=self.names.events_stream, config=config
+            self.names.events_wildcard, durable=config.durable_name, stream=self.names.events_stream, config=config
         )
         try:
             while not self._stopping.is_set():
@@ -141,7 +141,8 @@ class EventConsumer:
             return
         self.applied += 1
         await msg.ack()
-        if isinstance(outcome, invocations.Settled) and outcome.has_callback and self.on_result is not None:
+        settled = isinstance(outcome, invocations.Settled) and outcome.has_callback
+        if settled and isinstance(event, InvocationResult) and self.on_result is not None:
             self.on_result(event)
 
     async def _apply(self, event: Event) -> bool | invocations.Settled | None:

@@ -448,7 +448,7 @@ class WorkerService:
             return
         try:
             await self.execute_command(command)
-            reply = {"ok": True}
+            reply: dict[str, object] = {"ok": True}
         except Exception as e:  # a bad command must never take the worker down
             log.warning("command %s failed: %r", command.command, e)
             reply = {"ok": False, "error": str(e)}

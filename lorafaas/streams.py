@@ -60,7 +60,7 @@ def stream_configs(names: Names) -> list[StreamConfig]:
 async def ensure_streams(js: JetStreamContext, names: Names) -> None:
     for config in stream_configs(names):
         try:
-            await js.stream_info(config.name)
+            await js.stream_info(config.name or "")
             await js.update_stream(config)
         except NotFoundError:
             await js.add_stream(config)
@@ -70,7 +70,7 @@ async def delete_streams(js: JetStreamContext, names: Names) -> None:
     """Remove a prefix's streams (tests and benchmarks clean up after themselves)."""
     for config in stream_configs(names):
         with contextlib.suppress(NotFoundError):
-            await js.delete_stream(config.name)
+            await js.delete_stream(config.name or "")
 
 
 def worker_consumer_config(names: Names, backbone: str, nats: NatsSettings) -> ConsumerConfig:
@@ -90,7 +90,7 @@ async def pull_invocations(
     """The pull subscription every worker of ``backbone`` shares (one durable consumer)."""
     config = worker_consumer_config(names, backbone, nats)
     return await js.pull_subscribe(
-        config.filter_subject, durable=config.durable_name, stream=names.invocations_stream, config=config
+        names.invoke_subject(backbone), durable=config.durable_name, stream=names.invocations_stream, config=config
     )
 
 

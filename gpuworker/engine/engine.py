@@ -282,6 +282,7 @@ class LoraEngine:
             chosen, failed = self._select(logits[None], [seq])
             seq.prefill_s = time.perf_counter() - t0
             work[seq.req.request_id] = seq.length
+            reason: str | None
             if failed:
                 out, reason = _failed(seq, failed[0]), FINISH_ERROR
             else:

@@ -63,10 +63,10 @@ def select_tokens(
             failed[row] = "the model produced non-finite logits for this request (NaN or infinity)"
             tokens.append(-1)
             continue
-        temp = temperatures[row]
-        if temp >= MIN_TEMPERATURE and generators[row] is not None:
+        temp, gen = temperatures[row], generators[row]
+        if temp >= MIN_TEMPERATURE and gen is not None:
             try:
-                token = sample_top_p(logits[row], temp, top_ps[row], generators[row])
+                token = sample_top_p(logits[row], temp, top_ps[row], gen)
             except RuntimeError as e:  # whatever torch refuses fails this request, not the batch
                 failed[row] = f"sampling failed: {e}"
                 token = -1
