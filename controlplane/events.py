@@ -6,7 +6,7 @@ its invocation and, in the same transaction, writes the usage record derived fro
 result (``InvocationResult.usage``): the bill counts exactly the tokens of the stored result,
 and a repeated or late result changes nothing. The message is acked only after the commit.
 
-Failures are classified (``controlplane.db.outage``):
+Failures are classified (``controlplane.db.errors``):
 - the database away (connection-level): the event is ``nak``-ed with a growing delay and the
   consumer pauses until the database answers again, so an outage costs each event one
   delivery, not one per second;
@@ -32,7 +32,7 @@ from pydantic import ValidationError
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from controlplane.db.outage import is_transient
+from controlplane.db.errors import DbFailure, classify
 from controlplane.db.session import make_sessionmaker
 from controlplane.services import invocations, ledger
 from lorafaas.errors import InvocationFailed, LorafaasError
@@ -57,6 +57,11 @@ async def apply_event(session: AsyncSession, event: Event) -> bool | invocations
     if settled is not None and usage is not None:
         await ledger.record_usage(session, usage)
     return settled
+
+
+def is_transient(error: BaseException) -> bool:
+    """Connection-level trouble (worth a retry later), as opposed to a statement Postgres refused."""
+    return classify(error) == DbFailure.UNAVAILABLE
 
 
 class DatabaseUnavailable(Exception):

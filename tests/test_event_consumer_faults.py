@@ -17,9 +17,8 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from controlplane.db.models import Invocation, InvocationState, UsageRecord
-from controlplane.db.outage import is_transient
 from controlplane.db.session import make_engine
-from controlplane.events import EventConsumer
+from controlplane.events import EventConsumer, is_transient
 from controlplane.services import catalog, invocations, keys
 from launcher.devstack import free_port
 from launcher.platform import admin, publish_backbone
