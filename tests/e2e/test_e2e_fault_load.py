@@ -263,10 +263,9 @@ async def test_faults_under_load_settle_every_invocation_once_and_bill_what_was_
     numbers["succeeded"] = sum(r.state == InvocationState.SUCCEEDED for r in rows.values())
     print("\nfault test numbers:", {k: round(v, 2) for k, v in numbers.items()}, "refused:", load.refused)
     assert numbers["worker_kill_restart_max_s"] < 10.0, numbers
-    # Refused while a dependency is away: 503 with Retry-After. A 500 appears only while Postgres
-    # replays its log after the restart ("the database system is starting up", SQLSTATE 57P03),
-    # which issue 12 item 8 turns into a 503 at the gateway.
-    assert set(load.refused) <= {503, 500} and load.refused.get(500, 0) <= 3, load.refused
+    # Refused while a dependency is away: 503 with Retry-After, never a 500 (Postgres in crash
+    # recovery after its restart answers 57P03, which is an outage too).
+    assert set(load.refused) <= {503}, load.refused
     assert numbers["accepted_while_controlplane_down"] > 0
     assert numbers["succeeded"] >= 0.9 * numbers["accepted"], numbers
 
