@@ -46,7 +46,8 @@ def create_app(settings: Settings) -> FastAPI:
         deadletters = DeadLetterMover(nc, js, names)
         await deadletters.start()
         await callbacks.resume()
-        registry = WorkerRegistry(nc, sessions, names, settings.controlplane.worker_dead_after_s)
+        cp = settings.controlplane
+        registry = WorkerRegistry(nc, sessions, names, cp.worker_dead_after_s, cp.engine_stuck_after_s)
         tasks = [
             asyncio.create_task(consumer.run(), name="event-consumer"),
             asyncio.create_task(registry.run(), name="worker-registry"),
@@ -75,6 +76,8 @@ def create_app(settings: Settings) -> FastAPI:
         return {
             "status": "ok" if app.state.nc.is_connected else "degraded",
             "events_applied": app.state.consumer.applied,
+            "events_dead_lettered": app.state.consumer.dead_lettered,
+            "database_outages": app.state.consumer.outages,
         }
 
     return app
