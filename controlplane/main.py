@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import nats
 from fastapi import FastAPI
 
+from controlplane import dashboard
 from controlplane.api import admin, tenant
 from controlplane.api.deps import ControlPlaneRuntime
 from controlplane.callbacks import CallbackDispatcher
@@ -67,6 +68,7 @@ def create_app(settings: Settings) -> FastAPI:
     install_error_handlers(app)
     app.include_router(admin.router)
     app.include_router(tenant.router)
+    dashboard.mount(app)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict:

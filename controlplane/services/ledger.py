@@ -376,3 +376,10 @@ def month_of(period: str) -> tuple[int, int]:
         raise InvalidInput(f"period must be YYYY-MM, got {period!r}") from e
     month_range(year, month)
     return year, month
+
+
+async def usage_record(session: AsyncSession, tenant_id: str, invocation_id: str) -> UsageRecord | None:
+    """The one usage record of a tenant's invocation; None until the invocation finished (or another tenant's)."""
+    return await session.scalar(
+        select(UsageRecord).where(UsageRecord.invocation_id == invocation_id, UsageRecord.tenant_id == tenant_id)
+    )
