@@ -7,23 +7,29 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from controlplane.db.models import Invocation
+from controlplane.db.models import Invocation, InvocationState
 from lorafaas.errors import InvalidInput
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 MICROSECOND = timedelta(microseconds=1)
 
 
-async def invocation_counts(
-    session: AsyncSession, tenant_id: str, start: datetime, end: datetime
-) -> dict[tuple[str, str], int]:
-    """How many of the tenant's invocations accepted in [start, end) are in each state, per function."""
+async def failed_counts(session: AsyncSession, tenant_id: str, start: datetime, end: datetime) -> dict[str, int]:
+    """How many of the tenant's invocations accepted in [start, end) failed, per function id.
+
+    Read through ``ix_invocations_tenant_state``: only the failed rows are visited, not the period's.
+    """
     rows = await session.execute(
-        select(Invocation.function_id, Invocation.state, func.count())
-        .where(Invocation.tenant_id == tenant_id, Invocation.accepted_at >= start, Invocation.accepted_at < end)
-        .group_by(Invocation.function_id, Invocation.state)
+        select(Invocation.function_id, func.count())
+        .where(
+            Invocation.tenant_id == tenant_id,
+            Invocation.state == InvocationState.FAILED,
+            Invocation.accepted_at >= start,
+            Invocation.accepted_at < end,
+        )
+        .group_by(Invocation.function_id)
     )
-    return {(fid, state): int(n) for fid, state, n in rows}
+    return {fid: int(n) for fid, n in rows}
 
 
 def encode_cursor(accepted_at: datetime, invocation_id: str) -> str:

@@ -7,19 +7,22 @@ query is scoped to the signed-in key's tenant, so another tenant's id is a 404 l
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Form, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.routing import APIRoute
 from fastapi.templating import Jinja2Templates
+from markupsafe import Markup
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from controlplane.api.deps import ControlPlaneRuntime, ReadSessionDep, RuntimeDep
 from controlplane.dashboard import queries, session
@@ -39,6 +42,7 @@ templates.env.filters["ts"] = lambda t: t.astimezone(UTC).strftime("%Y-%m-%d %H:
 templates.env.filters["ms"] = lambda s: f"{float(s) * 1000:.1f} ms" if s is not None else "-"
 templates.env.filters["num"] = lambda n: f"{int(n):,}"
 
+T = TypeVar("T")
 PAGE_SIZE = 50
 HOURS_CHARTED = 48
 READ_USAGE, MANAGE = "read-usage", "manage-functions"
@@ -182,19 +186,31 @@ async def logout(request: Request, rt: RuntimeDep, csrf: Annotated[str, Form()])
 
 # --- overview ---------------------------------------------------------------------------
 @router.get("", response_class=HTMLResponse)
-async def overview(request: Request, viewer: TenantDep, db: ReadSessionDep, period: str | None = None) -> Response:
+async def overview(request: Request, viewer: TenantDep, rt: RuntimeDep, period: str | None = None) -> Response:
     """Spend, tokens, requests and errors of the period, by function, with charts per hour and per day."""
     label, start, end = _period(period)
     tenant_id = viewer.tenant_id
-    bill = await ledger.monthly_bill(db, tenant_id, *ledger.month_of(label))
-    counts = await queries.invocation_counts(db, tenant_id, start, end)
-    errors = {fid: n for (fid, state), n in counts.items() if state == InvocationState.FAILED}
     now = datetime.now(UTC)
     hours_end = now.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
     hours_start = hours_end - timedelta(hours=HOURS_CHARTED)
-    hourly = await _chart(db, tenant_id, hours_start, hours_end, "1h", "%H:00", 6, "spend per hour (UTC), last 48 h")
-    daily = await _chart(db, tenant_id, start, end, "1d", "%d", 3, f"spend per day (UTC), {label}")
-    functions = {s.function.id: s.function.name for s in await catalog.list_functions(db, tenant_id)}
+
+    async def read(query: Callable[[AsyncSession], Awaitable[T]]) -> T:
+        async with rt.sessions() as db:
+            return await query(db)
+
+    # Independent reads, each a scan of the period's records: on sessions of their own, side by side.
+    bill, errors, hourly, daily, served = await asyncio.gather(
+        read(lambda db: ledger.monthly_bill(db, tenant_id, *ledger.month_of(label))),
+        read(lambda db: queries.failed_counts(db, tenant_id, start, end)),
+        read(
+            lambda db: _chart(
+                db, tenant_id, hours_start, hours_end, "1h", "%H:00", 6, "spend per hour (UTC), last 48 h"
+            )
+        ),
+        read(lambda db: _chart(db, tenant_id, start, end, "1d", "%d", 3, f"spend per day (UTC), {label}")),
+        read(lambda db: catalog.list_functions(db, tenant_id)),
+    )
+    functions = {s.function.id: s.function.name for s in served}
     return _page(
         request,
         "overview.html",
@@ -211,7 +227,9 @@ async def overview(request: Request, viewer: TenantDep, db: ReadSessionDep, peri
     )
 
 
-async def _chart(db, tenant_id: str, start: datetime, end: datetime, width: str, fmt: str, every: int, title: str):
+async def _chart(
+    db: AsyncSession, tenant_id: str, start: datetime, end: datetime, width: str, fmt: str, every: int, title: str
+) -> Markup:
     starts = ledger.bucket_starts(start, end, width)
     rows = {
         r.bucket_start: r for r in await ledger.usage_by_bucket(db, tenant_id, start, end, width, by_function=False)
@@ -380,7 +398,7 @@ async def keys_page(request: Request, viewer: TenantDep, db: ReadSessionDep) -> 
     return await _keys_page(request, viewer, db, created=None)
 
 
-async def _keys_page(request: Request, viewer: session.Viewer, db, created: str | None) -> Response:
+async def _keys_page(request: Request, viewer: session.Viewer, db: AsyncSession, created: str | None) -> Response:
     rows = await keys.list_api_keys(db, viewer.tenant_id)
     assert viewer.principal is not None
     return _page(

@@ -94,8 +94,10 @@ def dash_tenant(platform: Platform, adapter_dirs: dict[str, Path]) -> Tenant:
     return tenant
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
+    """Chromium for one test module. Not for the session: playwright's sync API keeps its event
+    loop set as running in this thread until it stops, and later asyncio tests need the thread."""
     if not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium (.ci/run does it)")
     from playwright.sync_api import sync_playwright
