@@ -19,7 +19,8 @@ from controlplane.services import ledger
 from launcher import tenant_cli
 from launcher.cli import main
 from launcher.platform import admin, create_tenant_with_key
-from tests.support.platform import Platform
+from lorafaas.settings import DEV_ADMIN_TOKEN
+from tests.support.platform import PRICE_IN, PRICE_OUT, Platform
 
 pytestmark = pytest.mark.e2e
 
@@ -64,8 +65,12 @@ def test_from_a_save_pretrained_folder_to_a_bill(
     folder = adapter_dirs["b16"]  # written by PEFT's save_pretrained (gpuworker.models.make_adapter)
     assert (folder / "adapter_config.json").is_file() and (folder / "adapter_model.safetensors").is_file()
 
-    created = cli.json("functions", "create", "writer", "--adapter", str(folder), "--backbone", "tiny")
+    created = cli.json(
+        "functions", "create", "writer", "--adapter", str(folder), "--backbone", "tiny",
+        "--price-in", str(PRICE_IN), "--price-out", str(PRICE_OUT), "--admin-token", DEV_ADMIN_TOKEN,
+    )  # fmt: skip
     assert created["name"] == "writer" and created["version"] == 1 and created["rank"] == 16
+    assert (created["price_input_micros_per_1m"], created["price_output_micros_per_1m"]) == (PRICE_IN, PRICE_OUT)
     code, out, _ = cli("functions", "create", "writer", "--adapter", str(adapter_dirs["a8"]), "--backbone", "tiny")
     assert code == 0 and "v2" in out
     assert [f["name"] for f in cli.json("functions", "list")["data"]] == ["writer"]
@@ -103,6 +108,7 @@ def test_from_a_save_pretrained_folder_to_a_bill(
     period = f"{datetime.now(UTC):%Y-%m}"
     bill = cli.json("bills", "show", period)
     assert bill["total_picousd"] == totals.amount_picousd > 0
+    assert totals.amount_picousd == totals.input_tokens * PRICE_IN + totals.output_tokens * PRICE_OUT
     assert bill["lines"][0]["invocations"] == 3
     assert bill["lines"][0]["input_tokens"] == totals.input_tokens
     assert bill["lines"][0]["output_tokens"] == totals.output_tokens == 6 + 5 + 4
