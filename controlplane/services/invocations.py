@@ -210,3 +210,9 @@ async def list_for_tenant(
         query = query.where(tuple_(Invocation.accepted_at, Invocation.id) < tuple_(*before))
     order = (Invocation.accepted_at.desc(), Invocation.id.desc())
     return list(await session.scalars(query.order_by(*order).limit(limit)))
+
+
+async def timings_of(session: AsyncSession, invocation_ids: list[str]) -> dict[str, dict[str, float]]:
+    """Worker-measured timings by invocation id, for operators and benchmarks."""
+    rows = await session.execute(select(Invocation.id, Invocation.timings).where(Invocation.id.in_(invocation_ids)))
+    return {inv_id: dict(timings or {}) for inv_id, timings in rows.all()}
