@@ -62,7 +62,9 @@ class DashboardRoute(APIRoute):
             try:
                 return await handler(request)
             except _SignIn:
-                target = quote(request.url.path + (f"?{request.url.query}" if request.url.query else ""), safe="")
+                # Back to the page after signing in; a form's target is no page to come back to.
+                page = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+                target = quote(page if request.method == "GET" else "/dashboard", safe="")
                 response = RedirectResponse(f"/dashboard/login?next={target}", status_code=303)
                 session.clear(response)
                 return response
