@@ -357,7 +357,12 @@ def usage(api: Api, args: argparse.Namespace) -> None:
     now = datetime.now(UTC)
     since = parse_since(args.since, now)
     width = "1h" if args.by == "hour" else "1d"
-    params = {"start_time": int(since.timestamp()), "end_time": int(now.timestamp()) + 1, "bucket_width": width}
+    params = {
+        "start_time": int(since.timestamp()),
+        "end_time": int(now.timestamp()) + 1,
+        "bucket_width": width,
+        "group_by": "function",
+    }
     page = api.call(api.cp, "GET", "/v1/usage", params=params).json()
     rows: dict[str, dict[str, int]] = {}
     for bucket in page["data"]:

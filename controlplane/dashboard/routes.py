@@ -29,7 +29,7 @@ from controlplane.dashboard import queries, session
 from controlplane.dashboard.charts import Bar, bar_chart
 from controlplane.dashboard.residency import ResidencyTracker
 from controlplane.db.models import InvocationState
-from controlplane.services import catalog, invocations, keys, ledger, workers
+from controlplane.services import catalog, functions, invocations, keys, ledger, workers
 from lorafaas.errors import Forbidden, InvalidInput, LorafaasError, Unauthenticated
 from lorafaas.http_errors import status_of
 
@@ -69,10 +69,9 @@ class DashboardRoute(APIRoute):
                 session.clear(response)
                 return response
             except LorafaasError as e:
-                page = templates.TemplateResponse(
+                return templates.TemplateResponse(
                     request, "error.html", {"viewer": None, "message": e.message}, status_code=status_of(e)
                 )
-                return page
 
         return route
 
@@ -210,9 +209,9 @@ async def overview(request: Request, viewer: TenantDep, rt: RuntimeDep, period: 
             )
         ),
         read(lambda db: _chart(db, tenant_id, start, end, "1d", "%d", 3, f"spend per day (UTC), {label}")),
-        read(lambda db: catalog.list_functions(db, tenant_id)),
+        read(lambda db: functions.list_functions(db, tenant_id)),
     )
-    functions = {s.function.id: s.function.name for s in served}
+    names = {s.function.id: s.function.name for s in served}
     return _page(
         request,
         "overview.html",
@@ -223,7 +222,7 @@ async def overview(request: Request, viewer: TenantDep, rt: RuntimeDep, period: 
         input_tokens=sum(line.input_tokens for line in bill.lines),
         output_tokens=sum(line.output_tokens for line in bill.lines),
         errors=sum(errors.values()),
-        errors_by_function={functions.get(fid, fid): n for fid, n in errors.items()},
+        errors_by_function={names.get(fid, fid): n for fid, n in errors.items()},
         hourly=hourly,
         daily=daily,
     )
@@ -250,7 +249,7 @@ async def _chart(
 async def functions_page(request: Request, viewer: TenantDep, db: ReadSessionDep) -> Response:
     tracker: ResidencyTracker = request.app.state.dashboard_residency
     rows = []
-    for served in await catalog.list_functions(db, viewer.tenant_id):
+    for served in await functions.list_functions(db, viewer.tenant_id):
         _, versions = await catalog.list_versions(db, viewer.tenant_id, served.function.name)
         rows.append((served, len(versions), tracker.locations(served.function.id)))
     return _page(request, "functions.html", viewer, rows=rows)
@@ -258,7 +257,7 @@ async def functions_page(request: Request, viewer: TenantDep, db: ReadSessionDep
 
 @router.get("/functions/{name}", response_class=HTMLResponse)
 async def function_page(request: Request, name: str, viewer: TenantDep, db: ReadSessionDep) -> Response:
-    served = await catalog.served_function(db, viewer.tenant_id, name)
+    served = await functions.served_function(db, viewer.tenant_id, name)
     _, versions = await catalog.list_versions(db, viewer.tenant_id, name)
     tracker: ResidencyTracker = request.app.state.dashboard_residency
     return _page(
@@ -301,7 +300,7 @@ async def invocations_page(
     rows = rows[:PAGE_SIZE]
     filters = {"state": state or "", "function": function or "", "since": since or "", "until": until or ""}
     next_cursor = queries.encode_cursor(rows[-1].accepted_at, rows[-1].id) if more else None
-    names = {s.function.id: s.function.name for s in await catalog.list_functions(db, tenant_id)}
+    names = {s.function.id: s.function.name for s in await functions.list_functions(db, tenant_id)}
     return _page(
         request,
         "invocations.html",
@@ -318,7 +317,7 @@ async def invocations_page(
 async def invocation_page(request: Request, invocation_id: str, viewer: TenantDep, db: ReadSessionDep) -> Response:
     invocation = await invocations.get_for_tenant(db, viewer.tenant_id, invocation_id)
     record = await ledger.usage_record(db, viewer.tenant_id, invocation_id)
-    names = {s.function.id: s.function.name for s in await catalog.list_functions(db, viewer.tenant_id)}
+    names = {s.function.id: s.function.name for s in await functions.list_functions(db, viewer.tenant_id)}
     timings = invocation.timings or {}
     return _page(
         request,
