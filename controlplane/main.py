@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import nats
 from fastapi import FastAPI
 
+from controlplane import dashboard
 from controlplane.api import admin, tenant
 from controlplane.api.deps import ControlPlaneRuntime
 from controlplane.callbacks import CallbackDispatcher
@@ -70,6 +71,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(admin.router)
     app.include_router(tenant.router)
     document_errors(app)
+    dashboard.mount(app)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict:
