@@ -85,8 +85,10 @@ class HybridHistogram(Predictor):
         """P(the idle time ends at ``idle`` | it lasted this long), from the histogram.
 
         With ``prior`` > 0 each bin's estimate is shrunk towards the constant hazard of a
-        memoryless function with the same mean idle time (``prior`` pseudo-observations), so a
-        bin seen rarely neither rules an arrival out nor makes it certain. Beyond the range, or
+        memoryless function fitted to the same idle times, the ongoing one included as a
+        censored observation (``prior`` pseudo-observations), so a bin seen rarely neither rules
+        an arrival out nor makes it certain, and an idle time longer than any seen so far makes
+        an arrival less and less likely. Beyond the range, or
         with an empty histogram, it is the keep-alive-like 1 / (1 + idle so far).
         """
         out = 1.0 / (1.0 + self.since_last)
@@ -101,8 +103,8 @@ class HybridHistogram(Predictor):
         idx = i[rows] - 1  # column of bin i in ``bins``
         before = np.where(idx >= 1, cum[np.arange(rows.size), np.maximum(idx - 1, 0)], 0.0)
         survived = n[rows] - before
-        mean_gap = (bins[rows] * np.arange(1, self.range_buckets + 1)).sum(axis=1) / n[rows]
-        base = 1.0 / np.maximum(mean_gap, 1.0)
+        waited = (bins[rows] * np.arange(1, self.range_buckets + 1)).sum(axis=1) + self.since_last[rows]
+        base = n[rows] / np.maximum(waited, 1.0)  # geometric MLE with the ongoing idle time censored
         out[rows] = (bins[rows, idx] + prior * base) / np.maximum(survived + prior, 1e-12)
         return np.clip(out, 0.0, 1.0)
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from controlplane.scheduler.predict.base import ThresholdPredictor
+from controlplane.scheduler.predict.base import NEVER, ThresholdPredictor
 
 FEATURES = 4
 
@@ -186,4 +186,5 @@ class LstmPredictor(ThresholdPredictor):
             return np.where(self.since_last + 1 <= self.fallback_keep_alive, 1.0, 0.0)
         cols = (seen - self.window + np.arange(self.window)) % self.history
         logits, _ = self.net.forward(self.x[:, cols])
-        return _sigmoid(logits[:, -1])
+        # A function never invoked has nothing to forecast from: the model's base rate is not its.
+        return np.where(self.since_last >= NEVER, 0.0, _sigmoid(logits[:, -1]))

@@ -60,8 +60,10 @@ class SeasonalNaive(Predictor):
         acf = np.fft.irfft(spec * np.conj(spec), axis=1)[:, : top + 1]
         # Unbiased: divide each lag by the number of pairs it has, then by the variance.
         acf = acf / (n - np.arange(top + 1)) / np.maximum(acf[:, :1] / n, 1e-12)
-        lags = np.arange(self.min_season, top + 1)
-        best = lags[np.argmax(acf[:, self.min_season :], axis=1)]
+        # A period P also peaks at 2P, 3P, ...: take the shortest lag within 10% of the best.
+        cand = acf[:, self.min_season :]
+        near = cand >= 0.9 * cand.max(axis=1, keepdims=True)
+        best = self.min_season + np.argmax(near, axis=1)
         strength = acf[np.arange(self.functions), best]
         return np.where(strength >= self.min_acf, best, 1)
 
