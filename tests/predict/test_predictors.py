@@ -66,12 +66,13 @@ def test_strict_period_fixed_keep_alive_pays_either_way() -> None:
 
 
 def test_strict_period_lstm_learns_to_prewarm() -> None:
-    counts = periodic(600, 8)
-    keep, score = run(LstmPredictor(1, threshold=1.0, seed=1, warmup=48, train_every=4, steps=8), counts)
-    active = counts[400:, 0] > 0
-    assert score[400:, 0][active].min() > 0.5  # confident before each arrival
-    assert score[400:, 0][~active].max() < 0.5  # and not in between
-    assert not (active & ~keep[400:, 0]).any()
+    counts = periodic(320, 8)
+    pred = LstmPredictor(1, threshold=1.0, seed=1, window=16, warmup=32, train_every=2, steps=8)
+    keep, score = run(pred, counts)
+    active = counts[240:, 0] > 0
+    assert score[240:, 0][active].min() > 0.5  # confident before each arrival
+    assert score[240:, 0][~active].max() < 0.5  # and not in between
+    assert not (active & ~keep[240:, 0]).any()
 
 
 @pytest.mark.parametrize(
