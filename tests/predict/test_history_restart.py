@@ -102,3 +102,48 @@ async def test_history_is_bounded_in_memory(settings: Settings) -> None:
     history = await _load(settings, BASE.timestamp() + 400.0, capacity=5)
     assert len(history.counts) == 5
     assert max(history.counts) == history.bucket_of(BASE.timestamp() + 400.0) - 1
+
+
+async def test_prefetch_commands_come_before_each_forecast_burst_live(settings: Settings) -> None:
+    """The advisor against real Postgres, its wall clock stepped through a periodic function's life."""
+    from controlplane.scheduler.model import (
+        AdapterSpec,
+        ClusterView,
+        CommandKind,
+        Placement,
+        Plan,
+        WorkerState,
+        WorkerView,
+    )
+    from controlplane.scheduler.prefetch import PredictiveAdvisor
+
+    base = BASE + timedelta(days=1)
+    offset = (base - BASE).total_seconds()
+    # A burst of two invocations every 10 s (a cron-like function), for 160 s.
+    (fn,) = await _seed(settings, {0: [offset + t + d for t in range(3, 160, 10) for d in (0.1, 0.6)]})
+    engine = make_engine(settings.database)
+    now = {"t": base.timestamp() + 60.0}
+    try:
+        advisor = PredictiveAdvisor(
+            HistoryStore(make_sessionmaker(engine)),
+            specs=lambda: {fn: AdapterSpec(fn, "tiny", 8, 1 << 20, 1)},
+            bucket_s=1.0,
+            capacity=600,
+            make=lambda n: HazardHistogram(n, threshold=1.0),
+            wall_clock=lambda: now["t"],
+            grace_s=0.0,
+        )
+        await advisor.start()  # the first 60 s, as after a restart
+        worker = WorkerView("w1", "tiny", WorkerState.ACTIVE, 16, 16)
+        plan = Plan(placement=Placement(1, {fn: ("w1",)}))
+        prefetched = []
+        for t in range(60, 160):
+            now["t"] = base.timestamp() + t
+            await advisor.refresh()  # buckets up to t-1 are known
+            cmds = advisor.advise(ClusterView(now_s=t, workers={"w1": worker}), {}, plan)
+            if any(c.kind is CommandKind.PREFETCH and c.function_id == fn for c in cmds):
+                prefetched.append(t)  # sent at the start of bucket t, for bucket t
+        bursts = [t for t in range(60, 160) if t % 10 == 3]
+        assert prefetched == bursts  # before every burst's first invocation, and at no other time
+    finally:
+        await engine.dispose()
