@@ -407,7 +407,7 @@ class WorkerService:
             max_tokens=1,
             ignore_eos=True,
         )
-        outputs, _ = await self._admit(ref, warmup)
+        outputs, _, _ = await self._admit(ref, warmup)
         finished = False
         while not finished:  # one token: the outputs of the warm-up are discarded
             finished = (await outputs.get()).finished
