@@ -133,7 +133,7 @@ class PredictiveSystem(System):
             HistoryStore(make_sessionmaker(engine)),
             specs=lambda: specs,
             bucket_s=self.args.bucket,
-            capacity=100_000,
+            capacity=3600,
             make=lambda n: HazardHistogram(n, threshold=self.args.threshold, range_buckets=self.args.range_buckets),
             grace_s=0.05,
         )

@@ -33,18 +33,33 @@ class ArrivalHistory:
 
     bucket_s: float
     capacity: int
-    counts: dict[int, dict[str, int]] = field(default_factory=dict)  # bucket index -> function -> count
+    # bucket index -> function -> count, inserted in ascending bucket order (see ``put``)
+    counts: dict[int, dict[str, int]] = field(default_factory=dict)
+    newest: int | None = None
 
     def bucket_of(self, t_s: float) -> int:
         """The bucket holding the epoch time ``t_s`` (seconds)."""
         return math.floor(t_s / self.bucket_s)
 
     def put(self, bucket: int, counts: dict[str, int]) -> None:
-        """Set (not add) one bucket's counts: recounting a bucket is idempotent."""
+        """Set (not add) one bucket's counts: recounting a bucket is idempotent.
+
+        New buckets come in ascending order (``HistoryStore.refresh`` recounts from the newest
+        known one on), so the oldest kept buckets are the first keys and trimming is cheap; a
+        bucket already past the kept window is ignored.
+        """
+        if self.newest is not None and bucket <= self.newest - self.capacity:
+            return
+        if self.newest is not None and bucket < self.newest and bucket not in self.counts:
+            raise ValueError(f"bucket {bucket} is older than the newest ({self.newest}) and was never counted")
         self.counts[bucket] = dict(counts)
-        newest = max(self.counts)
-        for old in [b for b in self.counts if b <= newest - self.capacity]:
-            del self.counts[old]
+        self.newest = bucket if self.newest is None else max(self.newest, bucket)
+        cutoff = self.newest - self.capacity
+        while self.counts:
+            oldest = next(iter(self.counts))
+            if oldest > cutoff:
+                break
+            del self.counts[oldest]
 
     def put_many(self, rows: Iterable[tuple[int, str, int]], buckets: range) -> None:
         """Set every bucket of ``buckets`` from (bucket, function, count) rows; a bucket without rows is 0."""
@@ -92,9 +107,13 @@ class HistoryStore:
         return [(int(b), str(f), int(c)) for b, f, c in rows]
 
     async def refresh(self, history: ArrivalHistory, now_s: float, recount: int) -> int:
-        """Recount the ``recount`` newest finished buckets before ``now_s``; returns the newest one."""
+        """Count every finished bucket before ``now_s`` not counted yet, and recount the ``recount``
+        newest (late commits); returns the newest. After an outage it catches up, window-bounded."""
         last = history.bucket_of(now_s) - 1
         first = last - recount + 1
+        if history.newest is not None:
+            first = min(first, history.newest + 1)
+        first = max(first, last - history.capacity + 1)
         history.put_many(await self.counts(history.bucket_s, first, last), range(first, last + 1))
         return last
 
