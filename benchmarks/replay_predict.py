@@ -48,7 +48,6 @@ from benchmarks.replay_systems import (  # noqa: E402
     ReplaySetup,
     System,
 )
-from controlplane.db.session import make_engine, make_sessionmaker  # noqa: E402
 from controlplane.scheduler.history import HistoryStore  # noqa: E402
 from controlplane.scheduler.model import (  # noqa: E402
     AdapterSpec,
@@ -128,9 +127,9 @@ class PredictiveSystem(System):
             f: AdapterSpec(f, "bench", ranks[f], 0, self.pages[name])
             for f, name in zip(refs, fnames)
         }  # fmt: skip
-        engine = make_engine(self.settings.database)
+        store = HistoryStore.from_settings(self.settings.database)
         advisor = PredictiveAdvisor(
-            HistoryStore(make_sessionmaker(engine)),
+            store,
             specs=lambda: specs,
             bucket_s=self.args.bucket,
             capacity=3600,
@@ -154,7 +153,7 @@ class PredictiveSystem(System):
                 await asyncio.sleep(self.args.bucket / 2)
         finally:
             await nc.close()
-            await engine.dispose()
+            await store.close()
 
     async def _send(self, nc: nats.NATS, names: Names, c: Command, ref: wire.AdapterRef) -> None:
         try:

@@ -22,9 +22,11 @@ from datetime import UTC, datetime
 
 import numpy as np
 from sqlalchemy import func, literal_column, select
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from controlplane.db.models import Invocation
+from controlplane.db.session import make_engine, make_sessionmaker
+from lorafaas.settings import DatabaseSettings
 
 
 @dataclass
@@ -87,8 +89,19 @@ class ArrivalHistory:
 class HistoryStore:
     """Reads bucket counts from the invocations table (the I/O half of the history)."""
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], engine: AsyncEngine | None = None) -> None:
         self.sessions = sessions
+        self._engine = engine  # owned (and disposed by ``close``) only when built from settings
+
+    @classmethod
+    def from_settings(cls, db: DatabaseSettings) -> HistoryStore:
+        """A store with its own small engine (for a process that has none, e.g. a benchmark driver)."""
+        engine = make_engine(db)
+        return cls(make_sessionmaker(engine), engine)
+
+    async def close(self) -> None:
+        if self._engine is not None:
+            await self._engine.dispose()
 
     async def counts(self, bucket_s: float, first: int, last: int) -> list[tuple[int, str, int]]:
         """(bucket, function_id, count) for buckets ``first..last`` (inclusive) of width ``bucket_s``."""

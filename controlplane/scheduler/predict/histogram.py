@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from controlplane.scheduler.predict.base import Forecast, Predictor, keep_rule
+from controlplane.scheduler.predict.base import NEVER, Forecast, Predictor, keep_rule
 
 
 class HybridHistogram(Predictor):
@@ -50,8 +50,8 @@ class HybridHistogram(Predictor):
         self.mode = np.concatenate([self.mode, np.zeros(extra, dtype=int)])
 
     def _update(self, counts: np.ndarray) -> None:
-        ended = np.flatnonzero((counts > 0) & (self.since_last < 1e9))
-        for f in ended:
+        ended = np.flatnonzero((counts > 0) & (self.since_last < NEVER))
+        for f in ended.tolist():
             gap = int(self.since_last[f]) + 1
             if gap <= self.range_buckets:
                 self.hist[f, gap] += 1
