@@ -214,6 +214,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--token-scale", type=float, default=1 / 64, help="token lengths x this")
     p.add_argument("--max-prompt", type=int, default=32, help="cap on scaled prompt tokens")
     p.add_argument("--max-output", type=int, default=4, help="cap on scaled output tokens")
+    p.add_argument(
+        "--sample", type=int, default=8, help="keep every Nth request of the slice (thins the rate, keeps the timing)"
+    )
     p.add_argument("--functions", type=int, default=12)
     p.add_argument("--zipf", type=float, default=1.1)
     p.add_argument("--ranks", default="8,16,32,64,128")
@@ -245,7 +248,7 @@ async def run(args: argparse.Namespace) -> dict:
         max_prompt_tokens=args.max_prompt, max_output_tokens=args.max_output, functions=args.functions,
         zipf_s=args.zipf, seed=args.seed,
     )  # fmt: skip
-    plain = trace.load_trace(args.trace, scale)
+    plain = trace.load_trace(args.trace, scale)[:: args.sample]
     span = args.duration * args.time_scale
     base_mix = workloads.WorkloadMix()
     mix = dataclasses.replace(
@@ -259,7 +262,10 @@ async def run(args: argparse.Namespace) -> dict:
     patterns = workloads.make_patterns(args.functions, mix, span, args.zipf, args.seed)
     requests = workloads.assign_structured(plain, patterns, span, args.seed)
     ranks = trace.assign_ranks(args.functions, tuple(int(r) for r in args.ranks.split(",")), args.seed)
-    described = [trace.describe(args.trace, scale, plain), workloads.describe_mix(patterns, requests, mix)]
+    described = [
+        trace.describe(args.trace, scale, plain) + f"; every {args.sample}th request kept",
+        workloads.describe_mix(patterns, requests, mix),
+    ]
     for line in described:
         console.print(line)
     args.workdir.mkdir(parents=True, exist_ok=True)
