@@ -69,3 +69,15 @@ def test_what_is_prefetched_fits_the_pool_best_score_per_page_first() -> None:
     # per page: a 0.25, c 0.15, b 0.11; a (2) + c (4) fit in 7 pages, b (8) does not
     assert [(c.function_id, c.kind) for c in cmds] == [("a", CommandKind.PREFETCH), ("c", CommandKind.PREFETCH)]
     assert np.isclose(sum(CATALOG[c.function_id].pages for c in cmds), 6)
+
+
+def test_history_window_keeps_the_newest_buckets_and_recounts_in_place() -> None:
+    history = ArrivalHistory(bucket_s=1.0, capacity=3)
+    for b in range(10):
+        history.put(b, {"a": b})
+    assert list(history.counts) == [7, 8, 9]
+    history.put(8, {"a": 80})  # a recount overwrites
+    history.put(2, {"a": 1})  # past the window: ignored
+    assert history.matrix(["a"], 7, 9)[:, 0].tolist() == [7, 80, 9]
+    with pytest.raises(ValueError):
+        ArrivalHistory(1.0, 10, counts={5: {}}, newest=5).put(3, {"a": 1})  # a hole behind the newest
