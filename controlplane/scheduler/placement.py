@@ -96,6 +96,9 @@ class _Board:
             self.load[w] = 0.0
             self.pages[w] = 0
             self.class_load[w] = {}
+        self.order = sorted(self.cap_pages, key=lambda w: _tiebreak(self.seed, w))
+        self.classes = {fn: rank_class(s.rank, self.config) for fn, s in self.specs.items()}
+        self.target = self.config.worker_capacity * self.config.target_utilisation
 
     def share(self, fn: str, replicas: int | None = None) -> float:
         n = replicas if replicas is not None else max(len(self.holders.get(fn, ())), 1)
@@ -107,7 +110,7 @@ class _Board:
         if not hs:
             return
         share = self.costs[fn] / len(hs)
-        cls = rank_class(self.specs[fn].rank, self.config)
+        cls = self.classes[fn]
         for w in hs:
             self.load[w] += sign * share
             self.class_load[w][cls] = self.class_load[w].get(cls, 0.0) + sign * share
@@ -127,22 +130,28 @@ class _Board:
         self.pages[w] -= self.specs[fn].pages
         self._account(fn, +1)
 
-    def score(self, fn: str, w: str) -> tuple[float, int]:
+    def score(self, fn: str, w: str) -> float:
         """Lower is better: utilisation after taking a share, rank-mix penalty, spread of pages."""
         cfg = self.config
-        share = self.share(fn, len(self.holders.get(fn, ())) + 1)
-        target = cfg.worker_capacity * cfg.target_utilisation
-        util = (self.load[w] + share) / target
-        cls = rank_class(self.specs[fn].rank, cfg)
-        total = sum(self.class_load[w].values())
-        other = (total - self.class_load[w].get(cls, 0.0)) / total if total > 1e-12 else 0.0
-        pages = self.pages[w] / self.cap_pages[w] if self.cap_pages[w] else 1.0
-        return (util + cfg.rank_mix_penalty * other + 0.05 * pages, _tiebreak(self.seed, f"{fn}@{w}"))
+        share = self.costs[fn] / (len(self.holders.get(fn, ())) + 1)
+        load = self.load[w]
+        util = (load + share) / self.target
+        other = (load - self.class_load[w].get(self.classes[fn], 0.0)) / load if load > 1e-12 else 0.0
+        cap = self.cap_pages[w]
+        return util + cfg.rank_mix_penalty * other + 0.05 * (self.pages[w] / cap if cap else 1.0)
 
     def best_worker(self, fn: str, exclude: Iterable[str] = ()) -> str | None:
+        """The lowest-scoring worker with room that does not hold fn; ties go to the seeded worker order."""
         skip = set(self.holders.get(fn, ())) | set(exclude)
-        candidates = [w for w in self.cap_pages if w not in skip and self.fits(fn, w)]
-        return min(candidates, key=lambda w: self.score(fn, w)) if candidates else None
+        best, best_score = None, math.inf
+        need = self.specs[fn].pages
+        for w in self.order:
+            if w in skip or self.pages[w] + need > self.cap_pages[w]:
+                continue
+            sc = self.score(fn, w)
+            if sc < best_score:
+                best, best_score = w, sc
+        return best
 
 
 def plan(
