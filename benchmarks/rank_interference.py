@@ -16,6 +16,7 @@ time (kernels that pad every adapter to the largest rank). Our engine groups row
 
     python benchmarks/rank_interference.py                 # demo shape, CPU
     python benchmarks/rank_interference.py --quick         # tiny shape, a smoke run
+    python benchmarks/rank_interference.py --device cuda --shape llama-7b --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from gpuworker.engine.engine import page_elems_for
 from gpuworker.models import build_backbone, load_backbone, make_adapter
 
 RANKS = (8, 16, 32, 64, 128)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 console = Console(stderr=True)
 
 
@@ -52,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="decode steps timed per composition and round")
     p.add_argument("--fit-samples", type=int, default=None, help="random compositions for the fit (default 40)")
     p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--quick", action="store_true")
@@ -76,10 +80,10 @@ class Bench:
 def setup(args: argparse.Namespace) -> Bench:
     """Build (or reuse) the backbone and ``per_rank`` q/v adapters of every rank; load them all."""
     root = args.workdir or Path(tempfile.gettempdir()) / "lorafaas-bench-rank"
-    backbone = root / args.shape
+    backbone = root / f"{args.shape}-{args.dtype}"
     if not (backbone / "config.json").exists():
-        build_backbone(backbone, args.shape, seed=args.seed)
-    model, tokenizer = load_backbone(backbone)
+        build_backbone(backbone, args.shape, seed=args.seed, dtype=DTYPES[args.dtype])
+    model, tokenizer = load_backbone(backbone, device=args.device, dtype=DTYPES[args.dtype])
     weights: dict[str, AdapterWeights] = {}
     adapters: dict[int, list[str]] = {}
     for rank in RANKS:
@@ -90,11 +94,19 @@ def setup(args: argparse.Namespace) -> Bench:
             weights[f"r{rank}-{i}"] = AdapterWeights.from_peft_folder(folder, model.config)
             adapters.setdefault(rank, []).append(f"r{rank}-{i}")
     pages = sum(-(-w.numel // page_elems_for(model.config)) for w in weights.values()) + 8
-    engine = LoraEngine(model, tokenizer, max_batch=32, pool_pages=pages, max_seq_len=args.prompt_len + 64)
+    longest = max(args.prompt_len, *prefill_lengths(args))
+    engine = LoraEngine(
+        model, tokenizer, device=args.device, max_batch=32, pool_pages=pages, max_seq_len=longest + args.steps + 8
+    )
     for name, w in weights.items():
         engine.load_adapter(name, w)
     by_rank = {rank: weights[ids[0]].nbytes for rank, ids in adapters.items()}
     return Bench(engine, adapters, by_rank, model.config, args)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def rows_for(bench: Bench, mix: list[tuple[int, int]]) -> list[str]:
@@ -117,8 +129,10 @@ def decode_step_s(bench: Bench, rows: list[str], rng: random.Random) -> float:
     engine.step()  # first decode: builds the batch's stacks (a composition change, not steady state)
     times = []
     for _ in range(args.steps):
+        _sync(args.device)
         start = time.perf_counter()
         engine.step()
+        _sync(args.device)
         times.append(time.perf_counter() - start)
     while engine.has_work():
         engine.step()
@@ -129,12 +143,18 @@ def prefill_s(bench: Bench, adapter: str, tokens: int, rng: random.Random) -> fl
     vocab = bench.config.vocab_size
     prompt = [rng.randrange(4, vocab) for _ in range(tokens)]
     bench.engine.add_request(EngineRequest("p", adapter, prompt, max_tokens=1, ignore_eos=True))
+    _sync(bench.args.device)
     start = time.perf_counter()
     bench.engine.step()
+    _sync(bench.args.device)
     elapsed = time.perf_counter() - start
     while bench.engine.has_work():
         bench.engine.step()
     return elapsed
+
+
+def prefill_lengths(args: argparse.Namespace) -> tuple[int, ...]:
+    return (16, 64) if args.quick else (32, 128, 256)
 
 
 NAMED: dict[str, list[tuple[int, int]]] = {
@@ -196,7 +216,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     fit_mixes = [random_mix(rng, 32) for _ in range(args.fit_samples)]
     named: dict[str, list[float]] = {k: [] for k in NAMED}
     fit_times: list[list[float]] = [[] for _ in fit_mixes]
-    prefill_lens = (16, 64) if args.quick else (32, 128, 256)
+    prefill_lens = prefill_lengths(args)
     prefill: dict[tuple[int, int], list[float]] = {(r, n): [] for r in (8, 128) for n in prefill_lens}
     decode_step_s(bench, rows_for(bench, [(8, 4)]), rng)  # warm-up
     with Progress(console=console, transient=True) as progress:
