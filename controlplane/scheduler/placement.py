@@ -293,13 +293,14 @@ def _contended(view: ClusterView, holders: list[str], fn: str, config: Placement
 
 def _drop_cold(board: _Board, view: ClusterView, order: list[str], budget: list[int]) -> None:
     """One replica less for a function whose load would stay well under a replica's share without it
-    (never one whose every holder is contended: that one just got its replica for the queue)."""
+    (never while a holder has a backlog of it: a replica added for a queue stays until it drains)."""
     limit = replica_share(board.config) * board.config.remove_below
     for fn in reversed(order):  # coldest first
         hs = board.holders.get(fn, [])
         if budget[0] <= 0:
             return
-        if len(hs) > 1 and board.costs[fn] / (len(hs) - 1) < limit and not _contended(view, hs, fn, board.config):
+        backlog = any(view.workers[w].queue_depth.get(fn, 0) > board.config.contended_queue for w in hs)
+        if len(hs) > 1 and board.costs[fn] / (len(hs) - 1) < limit and not backlog:
             w = max(hs, key=lambda h: (board.load[h], h))
             board.remove(fn, w)
             board.removed.append((fn, w))
