@@ -22,8 +22,9 @@ def save_plots(out: dict[str, Any], folder: Path) -> list[Path]:
 def _goodput(out: dict[str, Any], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     for system, per in out["goodput"].items():
-        ns = sorted(int(n) for n in per)
-        ax.plot(ns, [per[n]["goodput_rps"] for n in ns], marker="o", label=system)
+        by_n = {int(n): v for n, v in per.items()}  # int keys in memory, str keys from JSON
+        ns = sorted(by_n)
+        ax.plot(ns, [by_n[n]["goodput_rps"] for n in ns], marker="o", label=system)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("workers (devices)")
     ax.set_ylabel("goodput, requests/s at TTFT p99 <= SLO")
