@@ -57,7 +57,7 @@ def test_sampling_never_raises_on_finite_logits(temperature: float, top_p: float
 
 def _huge(weights: AdapterWeights) -> AdapterWeights:
     """The same adapter with weights scaled by 1e30: finite, but the LoRA delta overflows float32."""
-    return AdapterWeights(weights.flat * 1e30, weights.layout, weights.rank, weights.scaling, "huge")
+    return AdapterWeights(weights.flat * 1e30, weights.layout, "huge")
 
 
 def test_a_poisoned_request_fails_alone_and_the_batch_goes_on(
