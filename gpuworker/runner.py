@@ -2,20 +2,33 @@
 
 The asyncio side submits requests and receives each request's outputs on its own queue;
 torch work never blocks the event loop that keeps NATS heartbeats and acks flowing.
+
+The thread steps back to back while there is work and runs the calls the asyncio side
+queued between two steps. Before, every step was two executor round trips (``has_work`` and
+``step``) and a wake-up of the event loop for each; now a step costs the event loop one
+callback that hands all of the step's outputs over at once (see ``docs/engine.md``, "Where a
+token's time goes").
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+import torch
 
 from gpuworker.engine import EngineRequest, LoraEngine, StepOutput
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+SMALL_BATCH = 4  # at or below this many running requests a step reads weights (memory bound): one thread
 
 
 class StepStats:
@@ -41,37 +54,75 @@ class StepStats:
         return sum(recent) / horizon_s
 
 
+class ThreadPolicy:
+    """How many intra-op threads a step gets, by running batch size.
+
+    A small decode batch is bound by reading the weights; a second OpenMP thread adds a barrier per
+    op, and when the gateway, control plane and NATS hold the other core the barrier waits for a
+    time slice. Large batches are compute bound and use every thread. ``None`` leaves torch alone.
+    """
+
+    def __init__(self, max_threads: int | None = None, small_batch: int = SMALL_BATCH) -> None:
+        self.max_threads = max_threads if max_threads is not None else torch.get_num_threads()
+        self.small_batch = small_batch
+        self._current = 0
+
+    def apply(self, running: int) -> None:
+        want = 1 if running <= self.small_batch else self.max_threads
+        if want != self._current:
+            torch.set_num_threads(want)
+            self._current = want
+
+
 class EngineRunner:
     """Owns the engine's thread; the only way anything touches the engine."""
 
-    def __init__(self, engine: LoraEngine) -> None:
+    def __init__(self, engine: LoraEngine, threads: ThreadPolicy | None = None) -> None:
         self.engine = engine
         self.stats = StepStats()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self.threads = threads
         self._queues: dict[str, asyncio.Queue[StepOutput]] = {}
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        self._calls: deque[tuple[Callable[..., Any], tuple[object, ...], Future[Any]]] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.error: BaseException | None = None  # what stopped the step loop, if anything did
 
     async def call(self, fn: Callable[..., T], *args: object) -> T:
         """Run ``fn(*args)`` on the engine thread, between two steps."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        if self._thread is None:
+            self.start()
+        fut: Future[T] = Future()
+        with self._cond:
+            if self._stopping:
+                raise RuntimeError("the engine thread has stopped")
+            self._calls.append((fn, args, fut))
+            self._cond.notify()
+        return await asyncio.wrap_future(fut)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="engine-steps")
+        """Start the engine thread (idempotent; the first ``call`` starts it too)."""
+        if self._thread is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._thread.start()
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        self._executor.shutdown(wait=True)
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
 
     async def submit(
         self, request: EngineRequest, prepare: Callable[[], None] | None = None
     ) -> asyncio.Queue[StepOutput]:
         """Queue a request; its outputs arrive on the returned queue, the last one ``finished``.
 
-        ``prepare`` (loading the request's adapter) runs in the same engine-thread call, just
-        before the request is added: no step can come between them.
+        ``prepare`` (making the request's adapter usable) runs in the same engine-thread call,
+        just before the request is added: no step can come between them.
         """
         queue: asyncio.Queue[StepOutput] = asyncio.Queue()
         self._queues[request.request_id] = queue
@@ -86,29 +137,67 @@ class EngineRunner:
         except Exception:
             self._queues.pop(request.request_id, None)
             raise
-        self._wake.set()
         return queue
 
     async def abort(self, request_id: str) -> None:
         await self.call(self.engine.abort, request_id)
-        self._wake.set()
 
     @property
     def running(self) -> int:
         return len(self._queues)
 
-    async def _loop(self) -> None:
+    # -- the engine thread ----------------------------------------------------------------
+    def _run(self) -> None:
         while True:
-            if not await self.call(self.engine.has_work):
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            started = time.perf_counter()
-            outputs = await self.call(self.engine.step)
-            self.stats.record(time.perf_counter() - started, len(outputs))
-            for out in outputs:
-                queue = self._queues.get(out.request_id)
-                if queue is not None:
-                    queue.put_nowait(out)
-                    if out.finished:
-                        del self._queues[out.request_id]
+            with self._cond:
+                while not self._stopping and not self._calls and not self.engine.has_work():
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                calls = list(self._calls)
+                self._calls.clear()
+            for fn, args, fut in calls:
+                self._run_call(fn, args, fut)
+            if self.engine.has_work():
+                try:
+                    self._step()
+                except Exception as e:  # the step loop stops, as an uncaught error in it always did
+                    log.exception("engine step failed; the engine thread stops")
+                    self.error = e
+                    break
+        self._fail_pending()
+
+    def _run_call(self, fn: Callable[..., Any], args: tuple[object, ...], fut: Future[Any]) -> None:
+        if not fut.set_running_or_notify_cancel():
+            return
+        try:
+            fut.set_result(fn(*args))
+        except BaseException as e:  # handed to the awaiting coroutine, which re-raises it
+            fut.set_exception(e)
+
+    def _step(self) -> None:
+        if self.threads is not None:
+            self.threads.apply(self.engine.num_running() + self.engine.num_waiting())
+        started = time.perf_counter()
+        outputs = self.engine.step()
+        self.stats.record(time.perf_counter() - started, len(outputs))
+        if outputs and self._loop is not None:
+            # One callback per step, however many requests it served.
+            self._loop.call_soon_threadsafe(self._deliver, outputs)
+
+    def _deliver(self, outputs: list[StepOutput]) -> None:
+        for out in outputs:
+            queue = self._queues.get(out.request_id)
+            if queue is not None:
+                queue.put_nowait(out)
+                if out.finished:
+                    del self._queues[out.request_id]
+
+    def _fail_pending(self) -> None:
+        with self._cond:
+            calls = list(self._calls)
+            self._calls.clear()
+            self._stopping = True
+        for _, _, fut in calls:
+            if fut.set_running_or_notify_cancel():
+                fut.set_exception(RuntimeError("the engine thread stopped"))
