@@ -65,13 +65,12 @@ class ThreadPolicy:
     def __init__(self, max_threads: int | None = None, small_batch: int = SMALL_BATCH) -> None:
         self.max_threads = max_threads if max_threads is not None else torch.get_num_threads()
         self.small_batch = small_batch
-        self._current = 0
 
     def apply(self, running: int) -> None:
+        """Set the calling thread's intra-op threads (with OpenMP the setting is per thread)."""
         want = 1 if running <= self.small_batch else self.max_threads
-        if want != self._current:
+        if torch.get_num_threads() != want:
             torch.set_num_threads(want)
-            self._current = want
 
 
 class EngineRunner:
@@ -80,7 +79,9 @@ class EngineRunner:
     def __init__(self, engine: LoraEngine, threads: ThreadPolicy | None = None) -> None:
         self.engine = engine
         self.stats = StepStats()
-        self.threads = threads
+        # Read torch's thread count here, on the caller's thread: the engine thread starts with
+        # OpenMP's default, whatever the process set with torch.set_num_threads.
+        self.threads = threads or ThreadPolicy()
         self._queues: dict[str, asyncio.Queue[StepOutput]] = {}
         self._calls: deque[tuple[Callable[..., Any], tuple[object, ...], Future[Any]]] = deque()
         self._cond = threading.Condition()

@@ -78,6 +78,8 @@ class LoraEngine:
         self.builder = LoraBatchBuilder(cfg.num_hidden_layers, self._meta, self._read_flat, self.stacks)
         self.eos_ids = _eos_ids(cfg, tokenizer)
         self.last_step_s = 0.0
+        # Seconds in each phase of the last decode step (the benchmark's per-token breakdown).
+        self.timings: dict[str, float] = {}
         self.evicted_on_last_load: list[str] = []
         # Optional observer of every forward's logits (request ids, [rows, vocab]); tests and the
         # benchmark use it to compare with PEFT. None costs nothing on the hot path.
@@ -262,6 +264,7 @@ class LoraEngine:
         return outputs
 
     def _decode(self, work: dict[str, int]) -> list[StepOutput]:
+        t0 = time.perf_counter()
         running = self._running
         rows = tuple(seq.req.adapter_id for seq in running)
         if self._batch is None or rows != self._batch.rows:
@@ -270,11 +273,14 @@ class LoraEngine:
         seqs = [running[i] for i in batch.lora.order]  # row order
         tokens = torch.tensor([seq.last_token for seq in seqs], dtype=torch.long, device=self.device)
         max_len = max(seq.length for seq in seqs) + 1
+        t1 = time.perf_counter()
         logits = self.runner.decode(tokens, batch.positions, batch.slots, batch.inverse, max_len, batch.lora)
         batch.positions += 1
         if self.on_logits is not None:
             self.on_logits([seq.req.request_id for seq in seqs], logits)
-        chosen = self._select(logits, seqs)
+        t2 = time.perf_counter()
+        chosen = self._select(logits, seqs)  # on CUDA this waits for the forward's kernels
+        t3 = time.perf_counter()
         outputs, finished = [], []
         for seq, token in zip(seqs, chosen):
             seq.length += 1
@@ -283,9 +289,17 @@ class LoraEngine:
             outputs.append(_output(seq, token, text, reason))
             if reason is not None:
                 finished.append(seq)
+        t4 = time.perf_counter()
         for seq in finished:
             self._forget(seq)
             self._retire(running.index(seq))
+        self.timings = {
+            "batch_inputs": t1 - t0,
+            "forward": t2 - t1,
+            "sample": t3 - t2,
+            "detokenize": t4 - t3,
+            "retire": time.perf_counter() - t4,
+        }
         return outputs
 
     def _admit(self, work: dict[str, int]) -> list[StepOutput]:
