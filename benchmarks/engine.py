@@ -113,6 +113,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--nats-url", default="nats://127.0.0.1:4222", help="NATS for the worker-path publish ('' skips)")
     p.add_argument("--no-peft", action="store_true", help="skip the PEFT baselines (a quick GPU check)")
     p.add_argument("--skip-churn", action="store_true", help="skip the pool churn simulation")
+    p.add_argument("--on-device", action="store_true", help="build the backbone in memory on --device (always on CUDA)")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny shape, batch 8, 4 tokens, 1 round")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
@@ -148,7 +149,7 @@ def prepare(args: argparse.Namespace) -> Setup:
     PEFT folders written from random tensors."""
     root = args.workdir or Path(tempfile.gettempdir()) / "lorafaas-bench-engine"
     ranks = [args.ranks[i % len(args.ranks)] for i in range(args.adapters)]
-    on_device = args.device.startswith("cuda")
+    on_device = args.on_device or args.device.startswith("cuda")
     if on_device:
         backbone = None
         model, tokenizer = build_on_device(args)
@@ -191,8 +192,13 @@ def build_on_device(args: argparse.Namespace) -> tuple[Any, Any]:
         tie_word_embeddings=False,
     )
     torch.manual_seed(args.seed)
+    dtype = DTYPES[args.dtype]
     with torch.device(args.device):
-        model = LlamaForCausalLM._from_config(config, torch_dtype=DTYPES[args.dtype])
+        try:
+            model = LlamaForCausalLM._from_config(config, dtype=dtype)
+        except TypeError:  # transformers before 4.56 names it torch_dtype
+            model = LlamaForCausalLM._from_config(config, torch_dtype=dtype)
+    model = model.to(dtype)  # a no-op unless the version ignored the dtype
     model.eval()
     model.requires_grad_(False)
     return model, tokenizer

@@ -56,9 +56,7 @@ def test_a_load_copied_on_another_thread_while_the_batch_decodes(
     assert _tokens(outputs["b"]) == _tokens(run_all(fresh)["b"])  # the copied weights are the right ones
 
 
-def test_a_reserved_adapter_is_never_evicted_and_an_aborted_load_frees_its_pages(
-    model_and_tokenizer, weights
-) -> None:
+def test_a_reserved_adapter_is_never_evicted_and_an_aborted_load_frees_its_pages(model_and_tokenizer, weights) -> None:
     model, tokenizer = model_and_tokenizer
     one = weights["r64"]
     pages = -(-one.numel // (8 * 2 * model.config.hidden_size))
