@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 
 RANK_UNIT = 8  # a page holds 8 ranks of one square (hidden x hidden) module: A and B
 DEFAULT_MAX_SEQ_LEN = 1024
+# A kernel launch from eager torch costs ~5-10 us of host time, the time HBM needs to read ~16 MB:
+# on CUDA a group saved is worth that many bytes of zero padding.
+CUDA_PAD_OP_BYTES = 16 << 20
 DEFAULT_POOL_ADAPTERS = 4  # default pool: room for this many rank-128 adapters on every linear module
 
 
@@ -59,7 +62,11 @@ class LoraEngine:
         max_batch: int = 16,
         pool_pages: int | None = None,
         max_seq_len: int | None = None,
+        pad_op_bytes: int | None = None,
     ) -> None:
+        """``pad_op_bytes``: how many bytes one extra LoRA group costs to launch, against which
+        padding ranks of one group to the largest is weighed (``LoraBatchBuilder``); default 0 on
+        CPU (never pad), ``CUDA_PAD_OP_BYTES`` on CUDA."""
         cfg = model.config
         model_device = next(model.parameters()).device
         if torch.device(device).type != model_device.type:
@@ -75,7 +82,16 @@ class LoraEngine:
             pool_pages or default_pool_pages(cfg), page_elems_for(cfg), self.runner.dtype, self.device
         )
         self.stacks = StackCache(max_bytes=self.pool.num_pages * self.pool.page_bytes)
-        self.builder = LoraBatchBuilder(cfg.num_hidden_layers, self._meta, self._read_flat, self.stacks)
+        if pad_op_bytes is None:
+            pad_op_bytes = CUDA_PAD_OP_BYTES if self.device.type == "cuda" else 0
+        self.builder = LoraBatchBuilder(
+            cfg.num_hidden_layers,
+            self._meta,
+            self._read_flat,
+            self.stacks,
+            pad_op_bytes=pad_op_bytes,
+            elem_bytes=self.runner.dtype.itemsize,
+        )
         self.eos_ids = _eos_ids(cfg, tokenizer)
         self.last_step_s = 0.0
         # Seconds in each phase of the last decode step (the benchmark's per-token breakdown).

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -60,12 +61,15 @@ class RankGroup:
 
     def apply(self, x: torch.Tensor, outs: dict[str, torch.Tensor]) -> None:
         """Add this group's LoRA deltas into the site's output tensors, in place (views only, no gathers)."""
-        rows = slice(self.start, self.start + self.k * self.m)
-        t = torch.bmm(x[rows].view(self.k, self.m, -1), self.a_cat)
+        n = self.k * self.m
+        whole = self.start == 0 and n == x.shape[0]  # the usual case at batch 1: no slicing at all
+        rows = slice(self.start, self.start + n)
+        t = torch.bmm((x if whole else x[rows]).view(self.k, self.m, -1), self.a_cat)
         r = self.rank
         for j, module in enumerate(self.modules):
-            y = outs[module][rows].view(self.k, self.m, -1)
-            y.baddbmm_(t[:, :, j * r : (j + 1) * r], self.b[j])  # y += t_j @ (scaling * B_j^T)
+            out = outs[module]
+            y = (out if whole else out[rows]).view(self.k, self.m, -1)
+            y.baddbmm_(t if len(self.modules) == 1 else t[:, :, j * r : (j + 1) * r], self.b[j])  # y += t_j B_j
 
 
 class LoraBatch:
@@ -115,7 +119,7 @@ class StackCache:
         return value
 
     def invalidate(self, adapter_id: str) -> None:
-        for key in [k for k in self._entries if adapter_id in k[2]]:
+        for key in [k for k in self._entries if adapter_id in k[2]]:  # key: (layer, modules, ids, rank)
             self._bytes -= _nbytes(self._entries.pop(key))
 
     def clear(self) -> None:
@@ -129,7 +133,14 @@ def _nbytes(value: tuple[torch.Tensor, tuple[torch.Tensor, ...]]) -> int:
 
 
 class LoraBatchBuilder:
-    """Builds ``LoraBatch`` objects for row compositions, reading adapter weights from the pool."""
+    """Builds ``LoraBatch`` objects for row compositions, reading adapter weights from the pool.
+
+    ``pad_op_bytes`` trades padding against launches: one group costs about as much as reading
+    this many bytes, so adjacent ranks of one run are merged into one group padded with zeros to
+    its largest rank when the bytes the padding adds cost less than the groups it saves
+    (``_buckets``). 0 never pads (each rank its own group); on CUDA, where a launch costs about
+    as much as reading megabytes, the engine sets it high (see ``LoraEngine``).
+    """
 
     def __init__(
         self,
@@ -137,18 +148,23 @@ class LoraBatchBuilder:
         metas: Callable[[str], AdapterMeta],
         read_flat: Callable[[str], torch.Tensor],
         cache: StackCache,
+        pad_op_bytes: int = 0,
+        elem_bytes: int = 4,
     ) -> None:
         self.num_layers = num_layers
         self._meta = metas
         self._read_flat = read_flat
         self.cache = cache
+        self.pad_op_bytes = pad_op_bytes
+        self.elem_bytes = elem_bytes
 
     def build(self, rows: list[str | None]) -> LoraBatch:
         """Order the rows so each adapter's rows are adjacent, then group adapters per (layer, site).
 
-        Rows are sorted by (rank, rows per adapter, targeted modules, adapter id), backbone-only
-        rows last; a group is a run of adjacent adapters with the same rank, row count and modules
-        at that site, so it is one [k, m, in] view of the batch: no padding, no gather.
+        Rows are sorted by (rows per adapter, targeted modules, rank, adapter id), backbone-only
+        rows last. At each site a run of adjacent adapters with the same row count and modules is
+        one or more groups of adjacent ranks (``_buckets``); a group is one [k, m, in] view of the
+        batch: no gather. Without padding a group holds one rank only.
         """
         by_adapter: dict[str, list[int]] = {}
         for i, adapter_id in enumerate(rows):
@@ -156,7 +172,7 @@ class LoraBatchBuilder:
                 by_adapter.setdefault(adapter_id, []).append(i)
         metas = {a: self._meta(a) for a in by_adapter}
         slices = {a: m.slices() for a, m in metas.items()}
-        adapters = sorted(by_adapter, key=lambda a: (metas[a].rank, len(by_adapter[a]), sorted(slices[a]), a))
+        adapters = sorted(by_adapter, key=lambda a: (len(by_adapter[a]), sorted(slices[a]), metas[a].rank, a))
         order = [i for a in adapters for i in by_adapter[a]] + [i for i, a in enumerate(rows) if a is None]
         flats: dict[str, torch.Tensor] = {}  # each adapter's pages gathered at most once per build
         groups: dict[tuple[int, str], list[RankGroup]] = {}
@@ -164,20 +180,47 @@ class LoraBatchBuilder:
             for site, modules in SITES.items():
                 runs = _runs(
                     adapters,
-                    lambda a: (metas[a].rank, len(by_adapter[a]), tuple(m for m in modules if (layer, m) in slices[a])),  # noqa: B023 (called at once)
+                    lambda a: (len(by_adapter[a]), tuple(m for m in modules if (layer, m) in slices[a])),  # noqa: B023 (called at once)
                 )
-                groups[(layer, site)] = [
-                    self._group(layer, site, key, ids, start, metas, flats) for key, ids, start in runs if key[2]
-                ]
+                site_groups: list[RankGroup] = []
+                for (m, mods), ids, start in runs:
+                    if not mods:
+                        continue
+                    ranks = tuple(metas[a].rank for a in ids)
+                    for part_lo, part_hi in _ascending_parts(ranks):
+                        part = ranks[part_lo:part_hi]
+                        for lo, hi in self._buckets(part, layer, mods, slices[ids[0]]):
+                            bucket = ids[part_lo + lo : part_lo + hi]
+                            rank = part[hi - 1]  # ascending: the largest, every other rank padded to it
+                            row = start + (part_lo + lo) * m
+                            site_groups.append(self._group(layer, (rank, m, mods), bucket, row, metas, flats))
+                groups[(layer, site)] = site_groups
         return LoraBatch(groups, order)
 
-    def _group(self, layer, site, key, ids, start, metas, flats) -> RankGroup:
-        rank, m, modules = key
-        a_cat, bs = self.cache.get((layer, site, ids, modules), lambda: self._stack(layer, modules, ids, metas, flats))
+    def _buckets(
+        self, ranks: tuple[int, ...], layer: int, modules: tuple[str, ...], slices: dict
+    ) -> list[tuple[int, int]]:
+        """Split a run's ascending ranks into [lo, hi) groups, each padded to its largest rank.
+
+        Minimises groups * pad_op_bytes + bytes read (sum over groups of k * rank * bytes per rank),
+        by dynamic programming over the split points; 0 pad_op_bytes gives one group per rank.
+        """
+        if not self.pad_op_bytes:
+            return [(lo, hi) for _, lo, hi in _equal_spans(ranks)]
+        per_rank = sum(slices[(layer, m)].in_features + slices[(layer, m)].out_features for m in modules)
+        per_rank *= self.elem_bytes
+        return _best_buckets(ranks, self.pad_op_bytes * (1 + len(modules)), per_rank)
+
+    def _group(self, layer, site_key, ids, start, metas, flats) -> RankGroup:
+        rank, m, modules = site_key
+        a_cat, bs = self.cache.get(
+            (layer, modules, ids, rank), lambda: self._stack(layer, modules, ids, metas, flats, rank)
+        )
         return RankGroup(modules, rank, len(ids), m, start, a_cat, bs)
 
-    def _stack(self, layer, modules, ids, metas, flats) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """[k, in, r*n] A^T side by side per module, and per module [k, r, out] scaling * B^T."""
+    def _stack(self, layer, modules, ids, metas, flats, rank) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """[k, in, R*n] A^T side by side per module, and per module [k, R, out] scaling * B^T, with
+        each adapter's rank r zero-padded to the group's R (zeros add nothing to the product)."""
         a_cols, bs = [], []
         for module in modules:
             a_list, b_list = [], []
@@ -188,15 +231,48 @@ class LoraBatchBuilder:
                 r = metas[a].rank
                 a_mat = flats[a][s.a_offset : s.a_offset + r * s.in_features].view(r, s.in_features)
                 b_mat = flats[a][s.b_offset : s.b_offset + s.out_features * r].view(s.out_features, r)
-                a_list.append(a_mat.t())
-                b_list.append(b_mat.t() * metas[a].scaling)
+                a_t, b_t = a_mat.t(), b_mat.t() * metas[a].scaling
+                if r < rank:
+                    a_t = torch.nn.functional.pad(a_t, (0, rank - r))
+                    b_t = torch.nn.functional.pad(b_t, (0, 0, 0, rank - r))
+                a_list.append(a_t)
+                b_list.append(b_t)
             a_cols.append(torch.stack(a_list))
             bs.append(torch.stack(b_list).contiguous())
         return torch.cat(a_cols, dim=2).contiguous(), tuple(bs)
 
 
+def _equal_spans(ranks: tuple[int, ...]) -> list[tuple[int, int, int]]:
+    """(rank, lo, hi) for each maximal span of equal ranks."""
+    spans: list[tuple[int, int, int]] = []
+    for i, r in enumerate(ranks):
+        if spans and spans[-1][0] == r:
+            spans[-1] = (r, spans[-1][1], i + 1)
+        else:
+            spans.append((r, i, i + 1))
+    return spans
+
+
+@lru_cache(maxsize=4096)
+def _best_buckets(ranks: tuple[int, ...], group_cost: int, per_rank: int) -> list[tuple[int, int]]:
+    """Optimal contiguous split of ascending ``ranks``: cost of a group [lo, hi) is
+    ``group_cost + (hi - lo) * ranks[hi - 1] * per_rank``. Splits only between different ranks."""
+    cuts = [lo for _, lo, _ in _equal_spans(ranks)] + [len(ranks)]
+    best = {0: (0, [])}  # cut position -> (cost, groups)
+    for j in cuts[1:]:
+        options = []
+        for i in cuts:
+            if i >= j:
+                break
+            cost, groups = best[i]
+            options.append((cost + group_cost + (j - i) * ranks[j - 1] * per_rank, [*groups, (i, j)]))
+        best[j] = min(options, key=lambda o: o[0])
+    return best[len(ranks)][1]
+
+
 def _runs(adapters: list[str], key: Callable[[str], tuple]) -> list[tuple[tuple, tuple[str, ...], int]]:
-    """Maximal runs of adjacent adapters sharing ``key``: (key, adapter ids, first row of the run)."""
+    """Maximal runs of adjacent adapters sharing ``key`` (rows per adapter first):
+    (key, adapter ids, first row of the run)."""
     runs: list[tuple[tuple, tuple[str, ...], int]] = []
     row = 0
     for a in adapters:
@@ -205,5 +281,17 @@ def _runs(adapters: list[str], key: Callable[[str], tuple]) -> list[tuple[tuple,
             runs[-1] = (k, runs[-1][1] + (a,), runs[-1][2])
         else:
             runs.append((k, (a,), row))
-        row += k[1]
+        row += k[0]
     return runs
+
+
+def _ascending_parts(ranks: tuple[int, ...]) -> list[tuple[int, int]]:
+    """[lo, hi) parts of a run where ranks never decrease (a run can join adapters whose other
+    sites differ, each part sorted by rank)."""
+    parts = [[0, 1]] if ranks else []
+    for i in range(1, len(ranks)):
+        if ranks[i] < ranks[i - 1]:
+            parts.append([i, i + 1])
+        else:
+            parts[-1][1] = i + 1
+    return [(lo, hi) for lo, hi in parts]
