@@ -10,7 +10,8 @@
 #   OUT=/path/to/results benchmarks/gpu_check.sh
 #   WHEELS=/path/to/wheels OUT=... benchmarks/gpu_check.sh     # python3 lacks torch: make a venv
 #                                                             # and install from these wheels only
-#   DEVICE=cpu SHAPE=tiny DTYPE=float32 OUT=/tmp/x benchmarks/gpu_check.sh   # the same logic on a CPU
+#   DEVICE=cpu SHAPE=tiny DTYPE=float32 BATCHES=8 TPOT_BATCHES=1,4 ROUNDS=1 TOKENS=4 OUT=/tmp/x \
+#       benchmarks/gpu_check.sh                                # the same logic on a CPU
 #
 # Run from the repository root. Needs only: torch, transformers, peft, safetensors, tokenizers,
 # rich, pydantic (nats-py optional: without it the worker path encodes tokens but publishes nothing).
@@ -22,6 +23,8 @@ SHAPE=${SHAPE:-llama-7b}
 DTYPE=${DTYPE:-bfloat16}
 ROUNDS=${ROUNDS:-3}
 TOKENS=${TOKENS:-16}
+BATCHES=${BATCHES:-32}
+TPOT_BATCHES=${TPOT_BATCHES:-1,2,4,8,32}
 LIMIT_S=${LIMIT_S:-420}  # hard stop, so the device is never held past its time
 PY=${PYTHON:-python3}
 NEEDED="torch transformers peft safetensors tokenizers rich pydantic"
@@ -61,7 +64,7 @@ fi
 status=0
 timeout "$LIMIT_S" "$PY" benchmarks/engine.py \
     --device "$DEVICE" --shape "$SHAPE" --dtype "$DTYPE" \
-    --batches 32 --tpot-batches 1,2,4,8,32 --rounds "$ROUNDS" --decode-tokens "$TOKENS" \
+    --batches "$BATCHES" --tpot-batches "$TPOT_BATCHES" --rounds "$ROUNDS" --decode-tokens "$TOKENS" \
     --churn-events 1000 --nats-url "" --on-device \
     --workdir "${WORKDIR:-/tmp/lorafaas-gpu-check}" \
     --out "$OUT/engine-gpu.json" 2>&1 | tee "$OUT/engine-gpu.txt" || status=$?
