@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -63,7 +64,10 @@ class ThreadPolicy:
     """
 
     def __init__(self, max_threads: int | None = None, small_batch: int = SMALL_BATCH) -> None:
-        self.max_threads = max_threads if max_threads is not None else torch.get_num_threads()
+        # Default: leave one core to the event loop and the services beside the worker (NATS, the
+        # gateway, the control plane on a small machine); on 2 cores that is one thread at any batch.
+        default = min(torch.get_num_threads(), max(1, (os.cpu_count() or 1) - 1))
+        self.max_threads = max_threads if max_threads is not None else default
         self.small_batch = small_batch
 
     def apply(self, running: int) -> None:
