@@ -258,8 +258,9 @@ def make_prompts(batch: int, args: argparse.Namespace, vocab: int) -> list[list[
 
 
 def sync(device: str) -> None:
+    """Wait for the compute stream only: a load's side-stream copy must not count as step time."""
     if device.startswith("cuda"):
-        torch.cuda.synchronize()
+        torch.cuda.current_stream().synchronize()
 
 
 # -- decode throughput ----------------------------------------------------------------------
