@@ -60,7 +60,8 @@ from gpuworker.engine import (
 from gpuworker.engine.adapter_weights import module_dims
 from gpuworker.engine.engine import page_elems_for
 from gpuworker.models import SHAPES, build_backbone, build_tokenizer, load_backbone, make_adapter
-from gpuworker.runner import EngineRunner, ThreadPolicy
+from gpuworker.runner import EngineRunner
+from gpuworker.threads import ThreadPolicy
 from lorafaas.llama import ATTN_MODULES
 from lorafaas.wire import TokenChunk
 
@@ -463,8 +464,9 @@ def worker_path_tpot(engine: LoraEngine, prompt: list[int], adapter: str, args) 
 
 async def _worker_path(engine: LoraEngine, prompt: list[int], adapter: str, args) -> float:
     nc = await _nats(args.nats_url)
-    runner = EngineRunner(engine, ThreadPolicy(args.policy.max_threads))
+    runner = EngineRunner(engine)
     runner.start()
+    await runner.call(ThreadPolicy(args.policy.max_threads).apply, 1)  # on the engine thread
     stamps: list[float] = []
     try:
         request = EngineRequest("w0", adapter, prompt, max_tokens=args.decode_tokens + 1, ignore_eos=True)

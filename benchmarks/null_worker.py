@@ -1,4 +1,4 @@
-"""A worker without a model: pulls invocations, echoes the prompt as the result, publishes usage, acks.
+"""A worker without a model: pulls invocations, echoes the prompt as the (billed) result, acks.
 
 It speaks the real wire protocol (same consumer, subjects, message ids), so the gateway,
 JetStream and the control plane see exactly what a GPU worker would send.
@@ -16,7 +16,7 @@ import nats
 from nats.errors import TimeoutError as NatsTimeout
 
 from lorafaas import wire
-from lorafaas.names import MSG_ID_HEADER, Names
+from lorafaas.names import MSG_ID_HEADER, Names, result_msg_id
 from lorafaas.settings import NatsSettings
 from lorafaas.streams import ensure_streams, pull_invocations
 
@@ -35,27 +35,12 @@ async def answer(js, names: Names, msg) -> None:
         worker_id="null",
         first_token_at=now,
         finished_at=now,
+        billing=wire.Billing(tenant_id=inv.tenant_id, function_id=inv.adapter.function_id),
     )
-    usage = wire.UsageEvent(
-        invocation_id=inv.invocation_id,
-        tenant_id=inv.tenant_id,
-        function_id=inv.adapter.function_id,
-        input_tokens=tokens,
-        output_tokens=tokens,
-        worker_id="null",
-        finished_at=now,
-    )
-    await asyncio.gather(
-        js.publish(
-            names.result_subject(inv.invocation_id),
-            result.encode(),
-            headers={MSG_ID_HEADER: f"result-{inv.invocation_id}"},
-        ),
-        js.publish(
-            names.usage_subject(inv.invocation_id),
-            usage.encode(),
-            headers={MSG_ID_HEADER: f"usage-{inv.invocation_id}"},
-        ),
+    await js.publish(
+        names.result_subject(inv.invocation_id),
+        result.encode(),
+        headers={MSG_ID_HEADER: result_msg_id(inv.invocation_id)},
     )
     await msg.ack()
 

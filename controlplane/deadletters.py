@@ -17,13 +17,14 @@ import logging
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 from pydantic import ValidationError
 
 from lorafaas.errors import InvocationFailed
-from lorafaas.names import DEAD_REASON_HEADER, MSG_ID_HEADER, Names
-from lorafaas.wire import Invocation, InvocationResult, ResultStatus
+from lorafaas.names import DEAD_REASON_HEADER, MSG_ID_HEADER, Names, dead_message_msg_id, dead_msg_id, result_msg_id
+from lorafaas.wire import Invocation, InvocationResult, ResultStatus, UnknownSchemaVersion
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ class DeadLetterMover:
     def __init__(self, nc: NATS, js: JetStreamContext, names: Names) -> None:
         self.nc, self.js, self.names = nc, js, names
         self.moved = 0
-        self._sub = None
+        self._sub: Subscription | None = None
 
     async def start(self) -> None:
         self._sub = await self.nc.subscribe(
@@ -58,24 +59,34 @@ class DeadLetterMover:
             raw = await self.js.get_msg(stream, seq)
         except NotFoundError:
             return  # already answered (acked or terminated) by a worker
-        reason = f"no worker finished it in {deliveries} deliveries (consumer {consumer}); the last attempt died before answering"
+        reason = (
+            f"no worker finished it in {deliveries} deliveries (consumer {consumer}); "
+            "the last attempt died before answering"
+        )
+        data = raw.data or b""
         try:
-            invocation = Invocation.decode(raw.data)
-        except ValidationError:
-            log.error("dropping undecodable message %d of %s: %s", seq, stream, reason)
+            invocation = Invocation.decode(data)
+        except (ValidationError, UnknownSchemaVersion) as e:
+            log.error("dead-lettering undecodable message %d of %s: %s (%s)", seq, stream, reason, e)
+            subject = (raw.subject or "").replace(f"{self.names.prefix}.invoke.", f"{self.names.prefix}.dead.", 1)
+            await self.js.publish(
+                subject,
+                data,
+                headers={MSG_ID_HEADER: dead_message_msg_id(stream, seq), DEAD_REASON_HEADER: f"{reason}; {e}"},
+            )
             await self.js.delete_msg(stream, seq)
             return
         inv_id = invocation.invocation_id
         await self.js.publish(
             self.names.dead_letter_subject(invocation.backbone),
-            raw.data,
-            headers={MSG_ID_HEADER: f"dead-{inv_id}", DEAD_REASON_HEADER: reason},
+            data,
+            headers={MSG_ID_HEADER: dead_msg_id(inv_id), DEAD_REASON_HEADER: reason},
         )
         failed = InvocationResult(
             invocation_id=inv_id, status=ResultStatus.FAILED, error=reason, error_code=InvocationFailed.code
         )
         await self.js.publish(
-            self.names.result_subject(inv_id), failed.encode(), headers={MSG_ID_HEADER: f"result-{inv_id}"}
+            self.names.result_subject(inv_id), failed.encode(), headers={MSG_ID_HEADER: result_msg_id(inv_id)}
         )
         await self.js.delete_msg(stream, seq)
         self.moved += 1

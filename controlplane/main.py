@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import nats
 from fastapi import FastAPI
 
+from controlplane import dashboard
 from controlplane.api import admin, tenant
 from controlplane.api.deps import ControlPlaneRuntime
 from controlplane.callbacks import CallbackDispatcher
@@ -46,7 +47,8 @@ def create_app(settings: Settings) -> FastAPI:
         deadletters = DeadLetterMover(nc, js, names)
         await deadletters.start()
         await callbacks.resume()
-        registry = WorkerRegistry(nc, sessions, names, settings.controlplane.worker_dead_after_s)
+        cp = settings.controlplane
+        registry = WorkerRegistry(nc, sessions, names, cp.worker_dead_after_s, cp.engine_stuck_after_s)
         tasks = [
             asyncio.create_task(consumer.run(), name="event-consumer"),
             asyncio.create_task(registry.run(), name="worker-registry"),
@@ -69,12 +71,15 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(admin.router)
     app.include_router(tenant.router)
     document_errors(app)
+    dashboard.mount(app)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict:
         return {
             "status": "ok" if app.state.nc.is_connected else "degraded",
             "events_applied": app.state.consumer.applied,
+            "events_dead_lettered": app.state.consumer.dead_lettered,
+            "database_outages": app.state.consumer.outages,
         }
 
     return app

@@ -1,4 +1,9 @@
-"""The control plane's side of the worker registry: heartbeat subscriber and dead-worker reaper."""
+"""The control plane's side of the worker registry: heartbeat subscriber and dead-worker reaper.
+
+A worker is ``alive`` only while its heartbeats arrive *and* report engine progress: a beat
+saying the engine failed, or held work without a step for ``stuck_after_s``, marks it
+``stuck`` (the process answers, its engine does not); silence marks it ``dead``.
+"""
 
 from __future__ import annotations
 
@@ -14,16 +19,31 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from controlplane.services import workers
 from lorafaas.names import Names
-from lorafaas.wire import WorkerHeartbeat
+from lorafaas.wire import UnknownSchemaVersion, WorkerHeartbeat
 
 log = logging.getLogger(__name__)
+
+
+def liveness(beat: WorkerHeartbeat, stuck_after_s: float) -> workers.WorkerStatus:
+    """What a heartbeat says of its worker: alive only if its engine works and moves."""
+    if beat.engine_failed is not None or beat.engine_stalled_s > stuck_after_s:
+        return workers.WorkerStatus.STUCK
+    return workers.WorkerStatus.ALIVE
 
 
 class WorkerRegistry:
     """Heartbeats arrive on core NATS (lossy by design: the next beat repairs a lost one)."""
 
-    def __init__(self, nc: NATS, sessions: async_sessionmaker[AsyncSession], names: Names, dead_after_s: float) -> None:
+    def __init__(
+        self,
+        nc: NATS,
+        sessions: async_sessionmaker[AsyncSession],
+        names: Names,
+        dead_after_s: float,
+        stuck_after_s: float = 30.0,
+    ) -> None:
         self.nc, self.sessions, self.names, self.dead_after_s = nc, sessions, names, dead_after_s
+        self.stuck_after_s = stuck_after_s
         self._stopping = asyncio.Event()
         self.beats = 0
 
@@ -54,12 +74,19 @@ class WorkerRegistry:
     async def _on_beat(self, msg: Msg) -> None:
         try:
             beat = WorkerHeartbeat.decode(msg.data)
-        except ValidationError as e:
+        except (ValidationError, UnknownSchemaVersion) as e:
             log.error("dropping undecodable heartbeat: %s", e)
             return
+        status = liveness(beat, self.stuck_after_s)
+        if status == workers.WorkerStatus.STUCK:
+            log.warning(
+                "worker %s is stuck: engine %s",
+                beat.worker_id,
+                beat.engine_failed or f"stalled for {beat.engine_stalled_s:.1f}s",
+            )
         try:
             async with self.sessions.begin() as session:
-                await workers.record_heartbeat(session, beat)
+                await workers.record_heartbeat(session, beat, status)
         except (OperationalError, DBAPIError, OSError) as e:
             log.warning("database unavailable recording heartbeat of %s: %s", beat.worker_id, e)
             return

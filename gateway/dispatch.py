@@ -20,7 +20,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import NoStreamResponseError, NotFoundError
 
 from lorafaas.errors import InvocationTimeout, ServiceUnavailable
-from lorafaas.names import MSG_ID_HEADER, Names
+from lorafaas.names import MSG_ID_HEADER, Names, cancel_msg_id, invocation_msg_id, result_msg_id
 from lorafaas.wire import CancelRequest, Invocation, InvocationResult, TokenChunk, WireMessage
 
 PUBLISH_TIMEOUT_S = 1.0
@@ -68,18 +68,22 @@ class Dispatcher:
 
     async def publish(self, invocation: Invocation) -> None:
         """Publish once; JetStream drops a repeat with the same Nats-Msg-Id (the invocation id)."""
-        await self._publish(self.names.invoke_subject(invocation.backbone), invocation, invocation.invocation_id)
+        await self._publish(
+            self.names.invoke_subject(invocation.backbone), invocation, invocation_msg_id(invocation.invocation_id)
+        )
 
     async def publish_cancel(self, invocation_id: str) -> None:
         await self._publish(
             self.names.cancel_subject(invocation_id),
             CancelRequest(invocation_id=invocation_id),
-            f"cancel-{invocation_id}",
+            cancel_msg_id(invocation_id),
         )
 
     async def publish_result(self, result: InvocationResult) -> None:
         """A result the gateway settles itself (a cancelled queued invocation); same id as a worker's."""
-        await self._publish(self.names.result_subject(result.invocation_id), result, f"result-{result.invocation_id}")
+        await self._publish(
+            self.names.result_subject(result.invocation_id), result, result_msg_id(result.invocation_id)
+        )
 
     async def _last_event(self, subject: str) -> bytes | None:
         self.require_connected()

@@ -182,6 +182,7 @@ class InvocationService:
             prompt=req.prompt,
             sampling=sampling,
             mode=req.mode,
+            max_context=served.backbone.max_context,  # the record's limit: worker and engine hold to it too
         )
         return Accepted(admitted.id, served.function.name, invocation, started)
 

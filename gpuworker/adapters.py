@@ -95,8 +95,9 @@ class AdapterManager:
         return self.disk_dir / ref.sha256
 
     def tier_of(self, ref: AdapterRef) -> Tier:
+        """Where the adapter is; the device tier as of the engine's last published snapshot."""
         key = adapter_key(ref)
-        if self.runner.engine.is_resident(key):
+        if key in self.runner.snapshot.resident:
             return Tier.DEVICE
         if key in self.host:
             return Tier.HOST

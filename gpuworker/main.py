@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from pathlib import Path
 
@@ -22,6 +23,10 @@ from lorafaas.settings import Settings
 from lorafaas.streams import ensure_streams
 
 log = logging.getLogger(__name__)
+
+# The process exit status when the engine loop failed or hung: a supervisor restarts the worker,
+# and JetStream redelivers what it held.
+EXIT_ENGINE_FAILED = 3
 
 
 def resolve_device(device: str) -> str:
@@ -60,9 +65,7 @@ async def build_service(settings: Settings) -> tuple[WorkerService, EngineRunner
     js = nc.jetstream()
     names = Names(settings.nats.prefix)
     await ensure_streams(js, names)
-    service = WorkerService(
-        nc, js, names, settings.nats, ws, runner, adapters, tokenizer, model.config.max_position_embeddings, device
-    )
+    service = WorkerService(nc, js, names, settings.nats, ws, runner, adapters, tokenizer, engine.max_seq_len, device)
     return service, runner, nc
 
 
@@ -79,3 +82,8 @@ async def run_worker(settings: Settings) -> None:
     finally:
         await runner.stop()
         await nc.drain()
+    if runner.failure is not None:
+        log.critical("worker %s exits: %s", settings.worker.worker_id, runner.failure)
+        logging.shutdown()
+        # The engine thread may still sit in the step that hung: it cannot be joined, so leave now.
+        os._exit(EXIT_ENGINE_FAILED)

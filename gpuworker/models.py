@@ -124,17 +124,24 @@ def make_adapter(
     target_modules: tuple[str, ...] = ("q_proj", "v_proj"),
     alpha: int | None = None,
     scale: float = 0.5,
+    **lora_options: object,
 ) -> Path:
     """Write a PEFT LoRA adapter of ``rank`` on the backbone, with non-zero A and B.
 
     PEFT initialises B to zero (an adapter that changes nothing); random B makes each
     adapter steer generation differently, which is what the tests need to tell them apart.
+    ``lora_options`` go to PEFT's ``LoraConfig`` as they are (``rank_pattern``, ``use_rslora``, ...).
     """
     from peft import LoraConfig, get_peft_model
 
     model, _ = load_backbone(backbone_dir)
     config = LoraConfig(
-        r=rank, lora_alpha=alpha or rank, target_modules=list(target_modules), lora_dropout=0.0, bias="none"
+        r=rank,
+        lora_alpha=alpha or rank,
+        target_modules=list(target_modules),
+        lora_dropout=0.0,
+        bias="none",
+        **lora_options,  # type: ignore[arg-type]
     )
     peft_model = get_peft_model(model, config)
     gen = torch.Generator().manual_seed(seed)

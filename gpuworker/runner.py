@@ -3,33 +3,33 @@
 The asyncio side submits requests and receives each request's outputs on its own queue;
 torch work never blocks the event loop that keeps NATS heartbeats and acks flowing.
 
-The thread steps back to back while there is work and runs the calls the asyncio side
-queued between two steps. Before, every step was two executor round trips (``has_work`` and
-``step``) and a wake-up of the event loop for each; now a step costs the event loop one
-callback that hands all of the step's outputs over at once (see ``docs/engine.md``, "Where a
-token's time goes").
+Nothing outside the engine thread reads the engine's live state: after each step (and each
+call that moves adapters) the engine thread publishes an immutable ``EngineSnapshot``, which
+reports and heartbeats read instead. A step that raises does not end the loop silently: every
+request in flight is failed with ``EngineFailed``, the loop stops, and ``failure`` says why, so
+the worker stops taking work and exits non-zero (its messages are redelivered elsewhere).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
-from typing import Any, TypeVar
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TypeVar
 
-import torch
+from gpuworker.engine import EngineRequest, LoraEngine, PoolStats, StepOutput
 
-from gpuworker.engine import EngineRequest, LoraEngine, StepOutput
-
-T = TypeVar("T")
 log = logging.getLogger(__name__)
 
-SMALL_BATCH = 4  # at or below this many running requests a step reads weights (memory bound): one thread
+T = TypeVar("T")
+
+
+class EngineFailed(RuntimeError):
+    """The engine loop stopped on an error it cannot isolate to one request; this worker is done."""
 
 
 class StepStats:
@@ -55,81 +55,97 @@ class StepStats:
         return sum(recent) / horizon_s
 
 
-class ThreadPolicy:
-    """How many intra-op threads a step gets, by running batch size.
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """The engine's state as the engine thread last saw it; safe to read from any thread."""
 
-    A small decode batch is bound by reading the weights; a second OpenMP thread adds a barrier per
-    op, and when the gateway, control plane and NATS hold the other core the barrier waits for a
-    time slice. Large batches are compute bound and use every thread. ``None`` leaves torch alone.
-    """
-
-    def __init__(self, max_threads: int | None = None, small_batch: int = SMALL_BATCH) -> None:
-        # Default: leave one core to the event loop and the services beside the worker (NATS, the
-        # gateway, the control plane on a small machine); on 2 cores that is one thread at any batch.
-        default = min(torch.get_num_threads(), max(1, (os.cpu_count() or 1) - 1))
-        self.max_threads = max_threads if max_threads is not None else default
-        self.small_batch = small_batch
-
-    def apply(self, running: int) -> None:
-        """Set the calling thread's intra-op threads (with OpenMP the setting is per thread)."""
-        want = 1 if running <= self.small_batch else self.max_threads
-        if torch.get_num_threads() != want:
-            torch.set_num_threads(want)
+    pool: PoolStats
+    running: int = 0
+    waiting: int = 0
+    resident: dict[str, int] = field(default_factory=dict)  # adapter id -> rank
+    steps: int = 0
+    taken_at: float = field(default_factory=time.monotonic)
 
 
 class EngineRunner:
     """Owns the engine's thread; the only way anything touches the engine."""
 
-    def __init__(self, engine: LoraEngine, threads: ThreadPolicy | None = None) -> None:
+    def __init__(self, engine: LoraEngine) -> None:
         self.engine = engine
         self.stats = StepStats()
-        # Read torch's thread count here, on the caller's thread: the engine thread starts with
-        # OpenMP's default, whatever the process set with torch.set_num_threads.
-        self.threads = threads or ThreadPolicy()
-        self._queues: dict[str, asyncio.Queue[StepOutput]] = {}
-        self._calls: deque[tuple[Callable[..., Any], tuple[object, ...], Future[Any]]] = deque()
-        self._cond = threading.Condition()
-        self._stopping = False
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self.error: BaseException | None = None  # what stopped the step loop, if anything did
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._queues: dict[str, asyncio.Queue[StepOutput | EngineFailed]] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self.steps = 0
+        self.failure: EngineFailed | None = None
+        self._failed = asyncio.Event()
+        # When the engine last completed a step or was last seen idle: a loop with work that
+        # does not move this forward is stuck (heartbeats report the gap).
+        self._progress_at = time.monotonic()
+        self._busy = False
+        self.snapshot = self._take_snapshot()  # built here, before the engine thread exists
 
+    # --- calls on the engine thread -----------------------------------------------------
     async def call(self, fn: Callable[..., T], *args: object) -> T:
-        """Run ``fn(*args)`` on the engine thread, between two steps."""
-        if self._thread is None:
-            self.start()
-        fut: Future[T] = Future()
-        with self._cond:
-            if self._stopping:
-                raise RuntimeError("the engine thread has stopped")
-            self._calls.append((fn, args, fut))
-            self._cond.notify()
-        return await asyncio.wrap_future(fut)
+        """Run ``fn(*args)`` on the engine thread, between two steps; then refresh the snapshot."""
+        return await self._on_thread(fn, *args, snapshot=True)
 
+    async def _on_thread(self, fn: Callable[..., T], *args: object, snapshot: bool) -> T:
+        if self.failure is not None:
+            raise self.failure
+
+        def run() -> T:
+            try:
+                return fn(*args)
+            finally:
+                if snapshot:  # swapping one reference: readers see the old or the new, never a mix
+                    self.snapshot = self._take_snapshot()
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, run)
+
+    def _take_snapshot(self) -> EngineSnapshot:
+        engine = self.engine
+        return EngineSnapshot(
+            pool=engine.pool_stats(),
+            running=engine.num_running(),
+            waiting=engine.num_waiting(),
+            resident=engine.resident_adapters(),
+            steps=self.steps,
+        )
+
+    # --- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
-        """Start the engine thread (idempotent; the first ``call`` starts it too)."""
-        if self._thread is not None:
-            return
-        self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
-        self._thread.start()
+        self._task = asyncio.create_task(self._loop(), name="engine-steps")
 
     async def stop(self) -> None:
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        # A failed or stuck engine thread cannot be joined: do not wait for it.
+        self._executor.shutdown(wait=self.failure is None and self.stalled_s() == 0.0, cancel_futures=True)
 
+    async def wait_failed(self) -> EngineFailed:
+        """Return once the engine loop has stopped on an error."""
+        await self._failed.wait()
+        assert self.failure is not None
+        return self.failure
+
+    def stalled_s(self) -> float:
+        """Seconds the engine has held work without completing a step (0 while idle or moving)."""
+        return time.monotonic() - self._progress_at if self._busy else 0.0
+
+    # --- requests ------------------------------------------------------------------------
     async def submit(
         self, request: EngineRequest, prepare: Callable[[], None] | None = None
-    ) -> asyncio.Queue[StepOutput]:
+    ) -> asyncio.Queue[StepOutput | EngineFailed]:
         """Queue a request; its outputs arrive on the returned queue, the last one ``finished``.
 
-        ``prepare`` (making the request's adapter usable) runs in the same engine-thread call,
-        just before the request is added: no step can come between them.
+        If the engine fails while the request is in it, an ``EngineFailed`` arrives instead.
+        ``prepare`` (loading the request's adapter) runs in the same engine-thread call, just
+        before the request is added: no step can come between them.
         """
-        queue: asyncio.Queue[StepOutput] = asyncio.Queue()
+        queue: asyncio.Queue[StepOutput | EngineFailed] = asyncio.Queue()
         self._queues[request.request_id] = queue
 
         def add() -> None:
@@ -142,55 +158,45 @@ class EngineRunner:
         except Exception:
             self._queues.pop(request.request_id, None)
             raise
+        self._wake.set()
         return queue
 
     async def abort(self, request_id: str) -> None:
         await self.call(self.engine.abort, request_id)
+        self._wake.set()
 
     @property
     def running(self) -> int:
         return len(self._queues)
 
-    # -- the engine thread ----------------------------------------------------------------
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._stopping and not self._calls and not self.engine.has_work():
-                    self._cond.wait()
-                if self._stopping:
-                    break
-                calls = list(self._calls)
-                self._calls.clear()
-            for fn, args, fut in calls:
-                self._run_call(fn, args, fut)
-            if self.engine.has_work():
-                try:
-                    self._step()
-                except Exception as e:  # the step loop stops, as an uncaught error in it always did
-                    log.exception("engine step failed; the engine thread stops")
-                    self.error = e
-                    break
-        self._fail_pending()
-
-    def _run_call(self, fn: Callable[..., Any], args: tuple[object, ...], fut: Future[Any]) -> None:
-        if not fut.set_running_or_notify_cancel():
-            return
+    # --- the step loop -------------------------------------------------------------------
+    async def _loop(self) -> None:
         try:
-            fut.set_result(fn(*args))
-        except BaseException as e:  # handed to the awaiting coroutine, which re-raises it
-            fut.set_exception(e)
+            while True:
+                if not await self._on_thread(self.engine.has_work, snapshot=False):
+                    self._busy, self._progress_at = False, time.monotonic()
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                if not self._busy:
+                    self._busy, self._progress_at = True, time.monotonic()
+                await self._step()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # the engine cannot go on: say so, fail what it held, stop
+            self._fail(e)
 
-    def _step(self) -> None:
-        if self.threads is not None:
-            self.threads.apply(self.engine.num_running() + self.engine.num_waiting())
+    async def _step(self) -> None:
         started = time.perf_counter()
-        outputs = self.engine.step()
-        self.stats.record(time.perf_counter() - started, len(outputs))
-        if outputs and self._loop is not None:
-            # One callback per step, however many requests it served.
-            self._loop.call_soon_threadsafe(self._deliver, outputs)
 
-    def _deliver(self, outputs: list[StepOutput]) -> None:
+        def step() -> list[StepOutput]:
+            outputs = self.engine.step()
+            self.steps += 1  # before the snapshot, which reports it
+            return outputs
+
+        outputs = await self.call(step)
+        self._progress_at = time.monotonic()
+        self.stats.record(time.perf_counter() - started, len(outputs))
         for out in outputs:
             queue = self._queues.get(out.request_id)
             if queue is not None:
@@ -198,11 +204,18 @@ class EngineRunner:
                 if out.finished:
                     del self._queues[out.request_id]
 
-    def _fail_pending(self) -> None:
-        with self._cond:
-            calls = list(self._calls)
-            self._calls.clear()
-            self._stopping = True
-        for _, _, fut in calls:
-            if fut.set_running_or_notify_cancel():
-                fut.set_exception(RuntimeError("the engine thread stopped"))
+    def declare_stuck(self, stalled_s: float) -> None:
+        """The engine held work without completing a step for ``stalled_s``: fail it as if the step
+        had raised (a thread inside a hung step cannot be stopped; the process must exit)."""
+        if self.failure is None:
+            self._fail(TimeoutError(f"no engine step completed in {stalled_s:.0f}s while requests waited"))
+        if self._task is not None:
+            self._task.cancel()
+
+    def _fail(self, error: Exception) -> None:
+        log.critical("engine loop stopped: %r; failing %d requests in flight", error, len(self._queues), exc_info=error)
+        self.failure = EngineFailed(f"the engine stopped: {error!r}")
+        self._failed.set()
+        for queue in self._queues.values():
+            queue.put_nowait(self.failure)
+        self._queues.clear()

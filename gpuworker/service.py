@@ -1,10 +1,16 @@
 """The worker's NATS side: pull invocations, run them on the engine, publish, then ack.
 
-At-least-once: a message is acked only after its result and usage are stored in JetStream.
-A permanent failure (bad adapter, bad input) is answered with a failed result and ``term``;
-an infrastructure failure is ``nak``-ed with a delay, until the last delivery, which is
-answered as failed so no accepted invocation goes unanswered. Long generations send
-``in_progress`` so AckWait never fires mid-way.
+At-least-once: a message is acked only after its result (which carries what to bill) is
+stored in JetStream. A permanent failure (bad adapter, bad input, a request the engine failed
+alone) is answered with a failed result and ``term``; an infrastructure failure is ``nak``-ed
+with a delay, until the last delivery, which is answered as failed so no accepted invocation
+goes unanswered. Every message held here gets ``in_progress`` every quarter AckWait, so a live
+worker never loses one to AckWait while a dead worker's messages are redelivered within one.
+
+If the engine loop stops (``EngineFailed``) or makes no progress for
+``WorkerSettings.engine_stall_exit_s``, the worker stops pulling, naks what it holds, and its
+process exits non-zero; meanwhile its heartbeats say so, and the control plane stops counting
+it as alive.
 """
 
 from __future__ import annotations
@@ -26,17 +32,40 @@ from pydantic import ValidationError
 
 from gpuworker.adapters import AdapterEvicted, AdapterManager, adapter_key
 from gpuworker.engine import EngineRequest, PoolFullError, StepOutput
-from gpuworker.runner import EngineRunner
+from gpuworker.runner import EngineFailed, EngineRunner
 from lorafaas import wire
-from lorafaas.errors import ArtifactIntegrityError, InvalidArtifact, InvalidInput, LorafaasError, NotFound
-from lorafaas.names import MSG_ID_HEADER, Names
+from lorafaas.errors import (
+    ArtifactIntegrityError,
+    InvalidArtifact,
+    InvalidInput,
+    InvocationFailed,
+    LorafaasError,
+    NotFound,
+)
+from lorafaas.names import (
+    DEAD_REASON_HEADER,
+    MSG_ID_HEADER,
+    Names,
+    dead_message_msg_id,
+    dead_msg_id,
+    result_msg_id,
+    started_msg_id,
+)
 from lorafaas.settings import NatsSettings, WorkerSettings
 from lorafaas.streams import pull_invocations
 
 log = logging.getLogger(__name__)
 
 POOL_RETRY_S = 0.02
-PERMANENT = (InvalidArtifact, ArtifactIntegrityError, InvalidInput, NotFound)
+PERMANENT = (InvalidArtifact, ArtifactIntegrityError, InvalidInput, NotFound, InvocationFailed)
+# Postgres text cannot hold U+0000: the worker replaces it in what it streams and returns, so
+# the caller, the stored result and the bill all see the same text.
+NUL, REPLACEMENT = "\x00", "\ufffd"
+
+
+def storable(text: str) -> str:
+    """Generated text as it is streamed, returned and stored: U+0000 becomes U+FFFD."""
+    return text.replace(NUL, REPLACEMENT) if NUL in text else text
 
 
 @dataclass
@@ -71,6 +100,7 @@ class WorkerService:
         device: str,
     ) -> None:
         self.nc, self.js, self.names, self.nats_settings, self.settings = nc, js, names, nats_settings, settings
+        # The engine's context limit (the backbone's own); an invocation names its record's.
         self.runner, self.adapters, self.tokenizer, self.max_context, self.device = (
             runner,
             adapters,
@@ -93,11 +123,12 @@ class WorkerService:
         background = [
             asyncio.create_task(self._report_loop(), name="reports"),
             asyncio.create_task(self._heartbeat_loop(), name="heartbeats"),
+            asyncio.create_task(self._watch_engine(), name="engine-watchdog"),
         ]
         try:
             await self._pull_loop()
-            while self.inflight:  # drain: let running invocations finish
-                await asyncio.sleep(0.05)
+            while self.inflight and self._tasks:  # drain: let running invocations finish
+                await asyncio.wait(set(self._tasks), timeout=0.05)
         finally:
             await commands.unsubscribe()
             await cancels.unsubscribe()
@@ -107,6 +138,21 @@ class WorkerService:
 
     def drain(self) -> None:
         self.draining.set()
+
+    async def _watch_engine(self) -> None:
+        """Stop taking work once the engine has failed, or has held work without a step for too long."""
+        limit = self.settings.engine_stall_exit_s
+        failed = asyncio.create_task(self.runner.wait_failed())
+        try:
+            while not failed.done():
+                await asyncio.wait({failed}, timeout=min(1.0, limit / 4))
+                stalled = self.runner.stalled_s()
+                if not failed.done() and stalled > limit:
+                    self.runner.declare_stuck(stalled)
+        finally:
+            failed.cancel()
+        log.critical("worker %s stops taking work: %s", self.settings.worker_id, self.runner.failure)
+        self.drain()
 
     async def _pull_loop(self) -> None:
         sub = await pull_invocations(self.js, self.names, self.settings.backbone, self.nats_settings)
@@ -119,6 +165,10 @@ class WorkerService:
                 try:
                     msgs = await sub.fetch(batch=room, timeout=0.25)
                 except (TimeoutError, NatsTimeout):  # nats-py raises either
+                    continue
+                except Exception as e:  # NATS away: the client reconnects by itself; keep pulling after
+                    log.warning("pulling invocations failed, retrying: %r", e)
+                    await asyncio.sleep(0.5)
                     continue
                 for msg in msgs:
                     self._spawn(self.handle(msg))
@@ -139,6 +189,9 @@ class WorkerService:
             log.error("terminating undecodable invocation message: %s", e)
             await msg.term()
             return
+        except wire.UnknownSchemaVersion as e:
+            await self._refuse_unknown_schema(msg, e)
+            return
         if invocation.invocation_id in self.inflight:  # redelivered while still running here
             await msg.in_progress()
             return
@@ -152,18 +205,35 @@ class WorkerService:
             await self._execute(running)
         except PERMANENT as e:
             await self._settle_failed(running, e)
-        except Exception as e:  # infrastructure: retry elsewhere or later
+        except Exception as e:  # infrastructure (or this engine failed): retry elsewhere or later
             await self._retry_or_fail(running, e)
         finally:
             heartbeat.cancel()
             self.inflight.pop(invocation.invocation_id, None)
+
+    async def _refuse_unknown_schema(self, msg: Msg, error: wire.UnknownSchemaVersion) -> None:
+        """Another version's invocation: never guessed at. Left for a worker that reads it, then dead-lettered."""
+        delivered = msg.metadata.num_delivered
+        log.error("invocation message of an unknown schema (delivery %d): %s", delivered, error)
+        if delivered < self.nats_settings.max_deliver:
+            await msg.nak(delay=5.0)
+            return
+        await self.js.publish(
+            self.names.dead_letter_subject(self.settings.backbone),
+            msg.data,
+            headers={
+                MSG_ID_HEADER: dead_message_msg_id(self.names.invocations_stream, msg.metadata.sequence.stream),
+                DEAD_REASON_HEADER: str(error),
+            },
+        )
+        await msg.term()
 
     async def _execute(self, running: Running) -> None:
         inv = running.invocation
         await self._publish(
             self.names.started_subject(inv.invocation_id),
             wire.Started(invocation_id=inv.invocation_id, worker_id=self.settings.worker_id),
-            f"started-{inv.invocation_id}",
+            started_msg_id(inv.invocation_id),
         )
         prompt_ids = self._tokenize(inv)
         request = EngineRequest(
@@ -181,12 +251,18 @@ class WorkerService:
             await self.runner.abort(inv.invocation_id)
         while True:
             out = await outputs.get()
+            if isinstance(out, EngineFailed):
+                raise out
+            if out.error is not None:  # the engine failed this request alone: permanent, not retried
+                raise InvocationFailed(out.error)
             await self._on_output(running, out)
             if out.finished:
                 await self._settle_succeeded(running, out)
                 return
 
-    async def _admit(self, ref: wire.AdapterRef, request: EngineRequest) -> tuple[asyncio.Queue[StepOutput], float]:
+    async def _admit(
+        self, ref: wire.AdapterRef, request: EngineRequest
+    ) -> tuple[asyncio.Queue[StepOutput | EngineFailed], float]:
         """Bring the request's adapter to the device and queue the request, in one engine call.
 
         Returns the request's output queue and the seconds a cold start added: fetching the
@@ -210,10 +286,15 @@ class WorkerService:
                 waited_s = time.perf_counter() - started
 
     def _tokenize(self, inv: wire.Invocation) -> list[int]:
+        """The prompt's token ids, held to the backbone record's context limit (the engine holds its own)."""
         ids = self.tokenizer(inv.prompt, add_special_tokens=True)["input_ids"]
-        if len(ids) + inv.sampling.max_tokens > self.max_context:
+        limit = inv.max_context or self.max_context
+        if len(ids) + inv.sampling.max_tokens > limit:
             raise InvalidInput(
-                f"prompt of {len(ids)} tokens plus max_tokens={inv.sampling.max_tokens} exceeds the backbone's context of {self.max_context} tokens"
+                f"prompt of {len(ids)} tokens plus max_tokens={inv.sampling.max_tokens} exceeds the backbone's "
+                f"context of {limit} tokens",
+                param="prompt",
+                limit=limit,
             )
         return ids
 
@@ -226,9 +307,10 @@ class WorkerService:
             running.first_token_at = datetime.now(UTC)
             running.prefill_s = out.prefill_s
         if out.text:
-            running.text.append(out.text)
+            text = storable(out.text)
+            running.text.append(text)
             if running.invocation.mode == wire.InvocationMode.STREAM:
-                chunk = wire.TokenChunk(invocation_id=out.request_id, index=out.index, text=out.text)
+                chunk = wire.TokenChunk(invocation_id=out.request_id, index=out.index, text=text)
                 await self.nc.publish(self.names.token_subject(out.request_id), chunk.encode())
 
     def _timings(self, running: Running, finished: datetime) -> wire.Timings:
@@ -258,18 +340,15 @@ class WorkerService:
             timings=self._timings(running, finished),
             first_token_at=running.first_token_at,
             finished_at=finished,
+            # One message carries the result and what to bill: the control plane records the
+            # usage from the result it keeps, so a re-run can never bill other tokens.
+            billing=wire.Billing(
+                tenant_id=inv.tenant_id,
+                function_id=inv.adapter.function_id,
+                device_ns=int(running.device_s * 1e9),
+            ),
         )
-        usage = wire.UsageEvent(
-            invocation_id=inv.invocation_id,
-            tenant_id=inv.tenant_id,
-            function_id=inv.adapter.function_id,
-            input_tokens=last.prompt_tokens,
-            output_tokens=completion_tokens,
-            device_ns=int(running.device_s * 1e9),
-            worker_id=self.settings.worker_id,
-            finished_at=finished,
-        )
-        await self._publish_outcome(running, result, usage)
+        await self._publish_outcome(running, result)
         await running.msg.ack_sync()
 
     async def _settle_failed(self, running: Running, error: LorafaasError) -> None:
@@ -285,7 +364,7 @@ class WorkerService:
             timings=self._timings(running, finished),
             finished_at=finished,
         )
-        await self._publish_outcome(running, result, None)
+        await self._publish_outcome(running, result)
         await running.msg.term()
 
     async def _retry_or_fail(self, running: Running, error: Exception) -> None:
@@ -293,25 +372,22 @@ class WorkerService:
         if delivered >= self.nats_settings.max_deliver:
             log.error("invocation %s failed on its last delivery: %r", running.invocation.invocation_id, error)
             inv = running.invocation
+            reason = f"worker error after {delivered} attempts: {error}"
             await self.js.publish(
                 self.names.dead_letter_subject(inv.backbone),
                 running.msg.data,
-                headers={MSG_ID_HEADER: f"dead-{inv.invocation_id}"},
+                headers={MSG_ID_HEADER: dead_msg_id(inv.invocation_id), DEAD_REASON_HEADER: reason},
             )
-            await self._settle_failed(running, LorafaasError(f"worker error after {delivered} attempts: {error}"))
+            await self._settle_failed(running, LorafaasError(reason))
             return
         log.warning(
             "invocation %s hit %r; redelivering (attempt %d)", running.invocation.invocation_id, error, delivered
         )
         await running.msg.nak(delay=min(5.0, 0.5 * 2**delivered))
 
-    async def _publish_outcome(
-        self, running: Running, result: wire.InvocationResult, usage: wire.UsageEvent | None
-    ) -> None:
+    async def _publish_outcome(self, running: Running, result: wire.InvocationResult) -> None:
         inv_id = running.invocation.invocation_id
-        await self._publish(self.names.result_subject(inv_id), result, f"result-{inv_id}")
-        if usage is not None:
-            await self._publish(self.names.usage_subject(inv_id), usage, f"usage-{inv_id}")
+        await self._publish(self.names.result_subject(inv_id), result, result_msg_id(inv_id))
 
     async def _publish(self, subject: str, message: wire.WireMessage, msg_id: str) -> None:
         await self.js.publish(subject, message.encode(), headers={MSG_ID_HEADER: msg_id})
@@ -349,13 +425,15 @@ class WorkerService:
                 finish_reason="cancelled",
                 worker_id=self.settings.worker_id,
             )
-            await self._publish_outcome(running, result, None)  # same msg id as the gateway's: deduplicated
+            await self._publish_outcome(running, result)  # same msg id as the gateway's: deduplicated
             await running.msg.ack_sync()
         finally:
             self.inflight.pop(inv_id, None)
 
     async def _keep_alive(self, msg: Msg) -> None:
-        interval = max(0.5, self.nats_settings.ack_wait_s / 3)
+        # Four beats per AckWait: a late or lost one never lets AckWait fire on a live worker,
+        # while a dead worker's messages are redelivered within one AckWait of its death.
+        interval = max(0.1, self.nats_settings.ack_wait_s / 4)
         while True:
             await asyncio.sleep(interval)
             with contextlib.suppress(Exception):
@@ -370,7 +448,7 @@ class WorkerService:
             return
         try:
             await self.execute_command(command)
-            reply = {"ok": True}
+            reply: dict[str, object] = {"ok": True}
         except Exception as e:  # a bad command must never take the worker down
             log.warning("command %s failed: %r", command.command, e)
             reply = {"ok": False, "error": str(e)}
@@ -402,10 +480,15 @@ class WorkerService:
         outputs, _ = await self._admit(ref, warmup)
         finished = False
         while not finished:  # one token: the outputs of the warm-up are discarded
-            finished = (await outputs.get()).finished
+            out = await outputs.get()
+            if isinstance(out, EngineFailed):
+                raise out
+            finished = out.finished
 
     def contention_report(self) -> wire.ContentionReport:
-        pool = self.runner.engine.pool_stats()
+        """Built from the engine's published snapshot: the event loop never reads live engine state."""
+        snapshot = self.runner.snapshot
+        pool = snapshot.pool
         depth: dict[str, int] = {}
         for running in self.inflight.values():
             fid = running.invocation.adapter.function_id
@@ -419,7 +502,7 @@ class WorkerService:
             pool_pages_free=pool.pages_free,
             pool_utilisation=pool.utilisation,
             queue_depth=depth,
-            running_batch=self.runner.engine.num_running(),
+            running_batch=snapshot.running,
             tokens_per_s=stats.tokens_per_s(),
             step_latency_p50_s=stats.percentile(0.5),
             step_latency_p95_s=stats.percentile(0.95),
@@ -429,11 +512,17 @@ class WorkerService:
     async def _report_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.report_interval_s)
-            report = self.contention_report()
-            with contextlib.suppress(Exception):
-                await self.nc.publish(self.names.contention_subject, report.encode())
-            if report.step_latency_p95_s > self.settings.step_latency_target_s and report.pool_pages_free == 0:
-                await self.adapters.offload_coldest(count=1)
+            try:
+                await self._report_once()
+            except Exception:  # one bad report must not end the reports for the life of the process
+                log.exception("contention report failed; the next one is due in %gs", self.settings.report_interval_s)
+
+    async def _report_once(self) -> None:
+        report = self.contention_report()
+        with contextlib.suppress(Exception):
+            await self.nc.publish(self.names.contention_subject, report.encode())
+        if report.step_latency_p95_s > self.settings.step_latency_target_s and report.pool_pages_free == 0:
+            await self.adapters.offload_coldest(count=1)
 
     async def _heartbeat_loop(self) -> None:
         beat = wire.WorkerHeartbeat(
@@ -444,8 +533,17 @@ class WorkerService:
         )
         while True:
             with contextlib.suppress(Exception):
-                await self.nc.publish(
-                    self.names.heartbeat_subject,
-                    beat.model_copy(update={"sent_at": datetime.now(UTC)}).encode(),
-                )
+                await self.nc.publish(self.names.heartbeat_subject, self.heartbeat(beat).encode())
             await asyncio.sleep(self.settings.heartbeat_interval_s)
+
+    def heartbeat(self, base: wire.WorkerHeartbeat) -> wire.WorkerHeartbeat:
+        """This moment's heartbeat: the process is alive, and how the engine thread is doing."""
+        failure = self.runner.failure
+        return base.model_copy(
+            update={
+                "sent_at": datetime.now(UTC),
+                "engine_steps": self.runner.steps,
+                "engine_stalled_s": self.runner.stalled_s(),
+                "engine_failed": str(failure) if failure is not None else None,
+            }
+        )

@@ -1,6 +1,8 @@
-"""The ``lorafaas`` command: run each service, administer the platform, bring up a dev stack.
+"""The ``lorafaas`` command: run each service, administer the platform, bring up a dev stack,
+and the tenant's commands (``functions``, ``invoke``, ``jobs``, ``usage``, ``bills``: launcher.tenant_cli).
 
-Exit codes: 0 success, 1 a failed operation (message on stderr), 2 bad usage (argparse).
+Exit codes: 0 success, 1 a failed operation (message on stderr), 2 bad usage (argparse); the
+tenant commands add 3-7 (see launcher.tenant_cli).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+from launcher import tenant_cli
 from lorafaas.errors import LorafaasError
 from lorafaas.settings import Settings
 
@@ -151,7 +154,7 @@ def _demo(settings: Settings, args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="lorafaas", description="Serverless LoRA inference: run services, administer, demo."
+        prog="lorafaas", description="Serverless LoRA inference: run services, administer, demo; the tenant's commands."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -225,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default=".lorafaas")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_demo)
+
+    tenant_cli.add_commands(sub)
     return parser
 
 
@@ -242,6 +247,8 @@ def _describe_error(e: Exception) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "tenant_command", None):  # HTTP only: no settings, no database
+        return tenant_cli.run(args)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )

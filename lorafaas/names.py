@@ -17,6 +17,42 @@ IDEMPOTENCY_HEADER = "Idempotency-Key"
 DEAD_REASON_HEADER = "Lorafaas-Dead-Reason"
 
 
+# --- exactly-once message ids -------------------------------------------------------
+# JetStream drops a publish whose Nats-Msg-Id it saw within the duplicate window, so every
+# message that must take effect once carries one of these ids, spelled only here.
+def invocation_msg_id(invocation_id: str) -> str:
+    """The invocation itself on the work queue (a gateway retry publishes it again)."""
+    return invocation_id
+
+
+def started_msg_id(invocation_id: str) -> str:
+    return f"started-{invocation_id}"
+
+
+def result_msg_id(invocation_id: str) -> str:
+    """The one result of an invocation, whoever sends it (worker, gateway cancel, dead-letter mover)."""
+    return f"result-{invocation_id}"
+
+
+def cancel_msg_id(invocation_id: str) -> str:
+    return f"cancel-{invocation_id}"
+
+
+def dead_msg_id(invocation_id: str) -> str:
+    """An invocation copied to the dead-letter stream."""
+    return f"dead-{invocation_id}"
+
+
+def dead_message_msg_id(stream: str, seq: int) -> str:
+    """A message that names no invocation this code can read (another schema), by its place in its stream."""
+    return f"dead-{stream}-{seq}"
+
+
+def dead_event_msg_id(kind: str, invocation_id: str) -> str:
+    """A worker event the control plane could not apply, copied to the dead-letter stream."""
+    return f"dead-{kind}-{invocation_id}"
+
+
 def _token(value: str) -> str:
     """A NATS subject token: no dots, spaces or wildcards."""
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in value)
@@ -58,9 +94,6 @@ class Names:
     def started_subject(self, invocation_id: str) -> str:
         return f"{self.prefix}.events.started.{invocation_id}"
 
-    def usage_subject(self, invocation_id: str) -> str:
-        return f"{self.prefix}.events.usage.{invocation_id}"
-
     @property
     def events_wildcard(self) -> str:
         return f"{self.prefix}.events.>"
@@ -83,6 +116,14 @@ class Names:
 
     def dead_letter_subject(self, backbone: str) -> str:
         return f"{self.prefix}.dead.{_token(backbone)}"
+
+    def dead_event_subject(self, kind: str) -> str:
+        """Worker events the control plane refused (a data error), kept with the reason for an operator."""
+        return f"{self.prefix}.dead-events.{_token(kind)}"
+
+    @property
+    def dead_letter_subjects(self) -> list[str]:
+        return [f"{self.prefix}.dead.>", f"{self.prefix}.dead-events.>"]
 
     def worker_command_subject(self, worker_id: str) -> str:
         return f"{self.prefix}.worker.{_token(worker_id)}.command"

@@ -19,7 +19,9 @@ class NatsSettings(BaseModel):
     url: str = "nats://127.0.0.1:4222"
     # Prefix of every subject and stream name, so tests and demos can share one server.
     prefix: str = "lorafaas"
-    ack_wait_s: float = 30.0
+    # A worker sends in_progress every quarter of this for each message it holds, so a live
+    # worker never loses one; a dead worker's messages are redelivered within this of its death.
+    ack_wait_s: float = 6.0
     max_deliver: int = 5
     max_queue_per_function: int = 256
 
@@ -79,11 +81,17 @@ class WorkerSettings(BaseModel):
     report_interval_s: float = 1.0
     step_latency_target_s: float = 0.5
     heartbeat_interval_s: float = 5.0
+    # An engine holding work without completing a step for this long is declared stuck: the
+    # worker stops taking work, naks what it holds and exits non-zero.
+    engine_stall_exit_s: float = 120.0
 
 
 class ControlPlaneSettings(BaseModel):
     # A worker silent for longer than this is marked dead in the registry.
     worker_dead_after_s: float = 15.0
+    # A worker whose heartbeat reports its engine stalled this long (or failed) is marked stuck,
+    # not alive: its process answers, its engine does not.
+    engine_stuck_after_s: float = 30.0
     # Platform cost of device time: integer micro-dollars per device-hour (a public on-demand GPU price).
     device_price_micros_per_hour: int = 2_500_000
     # Safety net beside NATS invalidation: a gateway re-reads a tenant's quota at least this often.

@@ -13,6 +13,11 @@ from lorafaas.settings import NatsSettings
 
 DUPLICATE_WINDOW_S = 120.0
 EVENTS_MAX_AGE_S = 7 * 24 * 3600.0
+# The control plane applies an event in milliseconds; a generous AckWait only matters if it dies.
+EVENTS_ACK_WAIT_S = 30.0
+# Deliveries of one event before the control plane gives up on it and dead-letters it. A
+# database outage costs an event one delivery (the consumer pauses until the database is back).
+EVENTS_MAX_DELIVER = 20
 
 
 def stream_configs(names: Names) -> list[StreamConfig]:
@@ -44,7 +49,7 @@ def stream_configs(names: Names) -> list[StreamConfig]:
         ),
         StreamConfig(
             name=names.dead_letter_stream,
-            subjects=[f"{names.prefix}.dead.>"],
+            subjects=names.dead_letter_subjects,
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
             max_age=EVENTS_MAX_AGE_S,
@@ -55,7 +60,7 @@ def stream_configs(names: Names) -> list[StreamConfig]:
 async def ensure_streams(js: JetStreamContext, names: Names) -> None:
     for config in stream_configs(names):
         try:
-            await js.stream_info(config.name)
+            await js.stream_info(config.name or "")
             await js.update_stream(config)
         except NotFoundError:
             await js.add_stream(config)
@@ -65,7 +70,7 @@ async def delete_streams(js: JetStreamContext, names: Names) -> None:
     """Remove a prefix's streams (tests and benchmarks clean up after themselves)."""
     for config in stream_configs(names):
         with contextlib.suppress(NotFoundError):
-            await js.delete_stream(config.name)
+            await js.delete_stream(config.name or "")
 
 
 def worker_consumer_config(names: Names, backbone: str, nats: NatsSettings) -> ConsumerConfig:
@@ -85,7 +90,7 @@ async def pull_invocations(
     """The pull subscription every worker of ``backbone`` shares (one durable consumer)."""
     config = worker_consumer_config(names, backbone, nats)
     return await js.pull_subscribe(
-        config.filter_subject, durable=config.durable_name, stream=names.invocations_stream, config=config
+        names.invoke_subject(backbone), durable=config.durable_name, stream=names.invocations_stream, config=config
     )
 
 
@@ -94,7 +99,8 @@ def controlplane_consumer_config(names: Names, nats: NatsSettings) -> ConsumerCo
         durable_name=names.controlplane_consumer,
         filter_subject=names.events_wildcard,
         ack_policy=AckPolicy.EXPLICIT,
-        ack_wait=nats.ack_wait_s,
-        max_deliver=-1,  # the ledger must see every event eventually
+        ack_wait=EVENTS_ACK_WAIT_S,
+        # Bounded: the consumer dead-letters an event on its last delivery rather than retry it forever.
+        max_deliver=EVENTS_MAX_DELIVER,
         deliver_policy=DeliverPolicy.ALL,
     )

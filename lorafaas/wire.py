@@ -1,18 +1,24 @@
 """Messages that cross NATS. Plain pydantic, no torch or SQLAlchemy, each with a schema version.
 
 The gateway publishes an ``Invocation``; a worker answers with ``Started``, ``TokenChunk``
-(core NATS, streaming only), one ``InvocationResult`` and one ``UsageEvent``; the control
-plane consumes results and usage. The gateway publishes ``CancelRequest`` to stop one. Workers receive ``WorkerCommand`` and publish
+(core NATS, streaming only) and one ``InvocationResult``, which also carries what to bill
+(``Billing``): the control plane records the usage from the result it stores, so the bill
+always counts the tokens of the result the caller received. The gateway publishes
+``CancelRequest`` to stop one. Workers receive ``WorkerCommand`` and publish
 ``ContentionReport`` and ``WorkerHeartbeat``.
+
+Every message names its ``kind`` and ``schema_version``; decoding refuses a version this code
+does not know with ``UnknownSchemaVersion`` (never a guess at what the fields mean), and the
+events stream is decoded by ``kind`` (``decode_event``), not by subject.
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
 SCHEMA_VERSION = 1
 
@@ -23,15 +29,37 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+class UnknownSchemaVersion(Exception):
+    """A message written under a schema version this code does not know.
+
+    Deliberately not a ``ValueError``: pydantic would fold it into a ``ValidationError``, and a
+    version mismatch (a rolling upgrade gone wrong) must be told apart from a malformed message.
+    """
+
+    def __init__(self, version: object, kind: object) -> None:
+        super().__init__(f"{kind or 'message'} of schema_version {version!r}; this code reads version {SCHEMA_VERSION}")
+        self.version, self.kind = version, kind
+
+
 class WireMessage(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
     schema_version: int = SCHEMA_VERSION
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_version(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            version = data.get("schema_version", SCHEMA_VERSION)
+            if version != SCHEMA_VERSION or isinstance(version, bool):
+                raise UnknownSchemaVersion(version, data.get("kind"))
+        return data
 
     def encode(self) -> bytes:
         return self.model_dump_json().encode()
 
     @classmethod
     def decode(cls: type[M], data: bytes) -> M:
+        """Parse one message; ``ValidationError`` if malformed, ``UnknownSchemaVersion`` if from another version."""
         return cls.model_validate_json(data)
 
 
@@ -71,6 +99,9 @@ class Invocation(WireMessage):
     sampling: SamplingParams
     mode: InvocationMode = InvocationMode.SYNC
     accepted_at: datetime = Field(default_factory=utcnow)
+    # The backbone record's context limit (prompt + max_tokens), as the gateway checked it; the
+    # worker and the engine hold the invocation to the same number. None: the engine's own.
+    max_context: int | None = Field(default=None, ge=1)
 
 
 class Started(WireMessage):
@@ -104,6 +135,16 @@ class ResultStatus(StrEnum):
     CANCELLED = "cancelled"
 
 
+class Billing(BaseModel):
+    """Whom a result bills and the device time it used; the tokens are the result's own counts."""
+
+    model_config = ConfigDict(frozen=True)
+    tenant_id: str
+    function_id: str
+    # Device time of the batch steps this request took part in, apportioned by tokens.
+    device_ns: int = Field(default=0, ge=0)
+
+
 class InvocationResult(WireMessage):
     kind: Literal["result"] = "result"
     invocation_id: str
@@ -119,10 +160,32 @@ class InvocationResult(WireMessage):
     timings: Timings = Field(default_factory=Timings)
     first_token_at: datetime | None = None
     finished_at: datetime = Field(default_factory=utcnow)
+    # Set on a result that is billed (a run a worker started, finished or cancelled mid-way);
+    # None on a failure or a cancel before start: nothing is billed.
+    billing: Billing | None = None
+
+    def usage(self) -> UsageEvent | None:
+        """The usage record this result bills: exactly its own token counts, or None."""
+        if self.billing is None or self.status == ResultStatus.FAILED:
+            return None
+        return UsageEvent(
+            invocation_id=self.invocation_id,
+            tenant_id=self.billing.tenant_id,
+            function_id=self.billing.function_id,
+            input_tokens=self.prompt_tokens,
+            output_tokens=self.completion_tokens,
+            device_ns=self.billing.device_ns,
+            worker_id=self.worker_id,
+            finished_at=self.finished_at,
+        )
 
 
 class UsageEvent(WireMessage):
-    """What one finished invocation consumed; the control plane prices it."""
+    """What one finished invocation consumed; the control plane prices it.
+
+    Derived from the stored result (``InvocationResult.usage``), never sent on its own: two
+    messages could come from two runs of one invocation and disagree.
+    """
 
     kind: Literal["usage"] = "usage"
     invocation_id: str
@@ -186,9 +249,26 @@ class ContentionReport(WireMessage):
 
 
 class WorkerHeartbeat(WireMessage):
+    """A worker's sign of life: sent by its event loop, it reports the engine thread's progress too,
+    so a process whose engine is stuck or dead is not taken for a live worker."""
+
     kind: Literal["heartbeat"] = "heartbeat"
     worker_id: str
     backbone: str
     device: str
     started_at: datetime
     sent_at: datetime = Field(default_factory=utcnow)
+    engine_steps: int = 0  # engine steps completed since start
+    # Seconds the engine has held work without completing a step (0 while idle or progressing).
+    engine_stalled_s: float = 0.0
+    engine_failed: str | None = None  # why the engine loop stopped, once it has
+
+
+# The kinds on the events stream, told apart by their ``kind`` field.
+Event = Annotated[Started | InvocationResult, Field(discriminator="kind")]
+_EVENTS: TypeAdapter[Started | InvocationResult] = TypeAdapter(Event)
+
+
+def decode_event(data: bytes) -> Started | InvocationResult:
+    """One message of the events stream, by its ``kind`` (``ValidationError`` for an unknown kind)."""
+    return _EVENTS.validate_json(data)

@@ -210,17 +210,22 @@ async def test_event_consumer_applies_a_repeated_result_once(
         settings, backbone_dir, adapter_dirs["c32"], "events-tenant", 100, 200
     )
     inv_id = await _accepted(settings, tenant_id, served)
+    billing = wire.Billing(tenant_id=tenant_id, function_id=served.function.id)
     result = wire.InvocationResult(
-        invocation_id=inv_id, status=wire.ResultStatus.SUCCEEDED, text="x", prompt_tokens=3, completion_tokens=2
+        invocation_id=inv_id,
+        status=wire.ResultStatus.SUCCEEDED,
+        text="x",
+        prompt_tokens=3,
+        completion_tokens=2,
+        billing=billing,
     )
-    usage = wire.UsageEvent(
-        invocation_id=inv_id, tenant_id=tenant_id, function_id=served.function.id, input_tokens=3, output_tokens=2
-    )
+    # A second run of the same invocation (other tokens), published after the first settled it.
+    rerun = result.model_copy(update={"completion_tokens": 9, "text": "other run"})
     late_failure = wire.InvocationResult(invocation_id=inv_id, status=wire.ResultStatus.FAILED, error="late duplicate")
     # Distinct message ids, so JetStream keeps every copy: the consumer itself must be idempotent.
     for i in range(2):
         await js.publish(names.result_subject(inv_id), result.encode(), headers={MSG_ID_HEADER: f"r{i}-{inv_id}"})
-        await js.publish(names.usage_subject(inv_id), usage.encode(), headers={MSG_ID_HEADER: f"u{i}-{inv_id}"})
+    await js.publish(names.result_subject(inv_id), rerun.encode(), headers={MSG_ID_HEADER: f"rerun-{inv_id}"})
     await js.publish(names.result_subject(inv_id), late_failure.encode())
     engine = make_engine(settings.database)
     consumer = EventConsumer(js, engine, names, settings.nats)
@@ -232,12 +237,16 @@ async def test_event_consumer_applies_a_repeated_result_once(
                     select(func.count()).select_from(UsageRecord).where(UsageRecord.invocation_id == inv_id)
                 )
                 row = await a.session.get(Invocation, inv_id)
-            if count and consumer.applied >= 5:
+            if count and consumer.applied >= 4:
                 break
             await asyncio.sleep(0.1)
     finally:
         consumer.stop()
         await task
         await engine.dispose()
+    async with admin(settings) as a:
+        record = await a.session.scalar(select(UsageRecord).where(UsageRecord.invocation_id == inv_id))
     assert count == 1
     assert row.state == InvocationState.SUCCEEDED and row.error is None and row.completion_tokens == 2
+    # The bill counts the tokens of the stored result, never those of another run.
+    assert (record.input_tokens, record.output_tokens) == (row.prompt_tokens, row.completion_tokens) == (3, 2)

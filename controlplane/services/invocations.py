@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import JSON, bindparam, func, insert, select, true, update
+from sqlalchemy import JSON, bindparam, func, insert, select, true, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from controlplane.db.models import IN_FLIGHT, Invocation, InvocationState, new_id
@@ -221,8 +221,13 @@ async def list_for_tenant(
     since: datetime | None = None,
     until: datetime | None = None,
     limit: int = 50,
+    before: tuple[datetime, str] | None = None,
 ) -> list[Invocation]:
-    """The tenant's invocations, newest first; only ever its own rows, whatever the filters."""
+    """The tenant's invocations, newest first; only ever its own rows, whatever the filters.
+
+    ``before`` is a keyset cursor, the (accepted_at, id) of the last row of the previous page:
+    a deep page costs an index range scan, not an OFFSET over every newer row.
+    """
     if state is not None and state not in {s.value for s in InvocationState}:
         raise InvalidInput(f"state must be one of {[s.value for s in InvocationState]}, got {state!r}", param="state")
     query = select(Invocation).where(Invocation.tenant_id == tenant_id)
@@ -234,7 +239,10 @@ async def list_for_tenant(
         query = query.where(Invocation.accepted_at >= since)
     if until is not None:
         query = query.where(Invocation.accepted_at < until)
-    return list(await session.scalars(query.order_by(Invocation.accepted_at.desc(), Invocation.id).limit(limit)))
+    if before is not None:
+        query = query.where(tuple_(Invocation.accepted_at, Invocation.id) < tuple_(*before))
+    order = (Invocation.accepted_at.desc(), Invocation.id.desc())
+    return list(await session.scalars(query.order_by(*order).limit(limit)))
 
 
 async def timings_of(session: AsyncSession, invocation_ids: list[str]) -> dict[str, dict[str, float]]:

@@ -105,6 +105,20 @@ async def authenticate(session: AsyncSession, secret: str | None) -> Principal:
             .where(ApiKey.secret_hash == hash_secret(secret))
         )
     ).first()
+    return _principal_of(row)
+
+
+async def authenticate_key_id(session: AsyncSession, key_id: str) -> Principal:
+    """Resolve a key by id (a dashboard session names its key, never its secret); same checks as ``authenticate``."""
+    row = (
+        await session.execute(
+            select(ApiKey, Tenant.status).join(Tenant, Tenant.id == ApiKey.tenant_id).where(ApiKey.id == key_id)
+        )
+    ).first()
+    return _principal_of(row)
+
+
+def _principal_of(row: tuple[ApiKey, str] | None) -> Principal:
     now = datetime.now(UTC)
     if row is None:
         raise Unauthenticated("invalid API key")

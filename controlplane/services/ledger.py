@@ -228,7 +228,10 @@ async def usage_by_bucket(
     by_function: bool = True,
 ) -> list[UsageRow]:
     """A tenant's usage records summed per UTC hour or day (and per function), exactly."""
-    trunc = func.date_trunc("hour" if width == "1h" else "day", UsageRecord.recorded_at, "UTC").label("bucket")
+    # Truncate the UTC wall-clock time (a plain timestamp): the same buckets as date_trunc(.., 'UTC'),
+    # without its per-row time-zone lookup, which was a third of the query over a month of records.
+    utc = func.timezone("UTC", UsageRecord.recorded_at)
+    trunc = func.date_trunc("hour" if width == "1h" else "day", utc).label("bucket")
     cols = [
         trunc,
         func.count(UsageRecord.id),
@@ -254,7 +257,7 @@ async def usage_by_bucket(
         bucket, *rest = row
         fid, fname = (rest.pop(0), rest.pop(0)) if by_function else (None, None)
         n, i, o, a = rest
-        rows.append(UsageRow(bucket.astimezone(UTC), fid, fname, int(n), int(i), int(o), int(a)))
+        rows.append(UsageRow(bucket.replace(tzinfo=UTC), fid, fname, int(n), int(i), int(o), int(a)))
     return rows
 
 
@@ -381,3 +384,10 @@ def month_of(period: str) -> tuple[int, int]:
         raise InvalidInput(f"period must be between {FIRST_YEAR}-01 and {LAST_YEAR}-12, got {year}", param="period")
     month_range(year, month)
     return year, month
+
+
+async def usage_record(session: AsyncSession, tenant_id: str, invocation_id: str) -> UsageRecord | None:
+    """The one usage record of a tenant's invocation; None until the invocation finished (or another tenant's)."""
+    return await session.scalar(
+        select(UsageRecord).where(UsageRecord.invocation_id == invocation_id, UsageRecord.tenant_id == tenant_id)
+    )

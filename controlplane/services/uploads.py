@@ -9,6 +9,7 @@ never fills the disk. Nothing here touches the database or the artifact store's 
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import tarfile
 import tempfile
@@ -16,7 +17,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 from minio.error import S3Error
 
@@ -75,7 +76,7 @@ class _Budget:
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes, self.used = max_bytes, 0
 
-    def copy(self, src: BinaryIO, dest: Path) -> None:
+    def copy(self, src: IO[bytes], dest: Path) -> None:
         with open(dest, "wb") as out:
             while chunk := src.read(_CHUNK):
                 self.used += len(chunk)
@@ -130,20 +131,41 @@ def _flatten(names: list[str]) -> list[str]:
 def stage_s3(store: ArtifactStore, uri: str, folder: Path, tenant_id: str, max_bytes: int) -> None:
     """Copy the files directly under an s3:// prefix. In the platform's own bucket only the
     tenant's own prefix may be named, so no tenant can register another's objects."""
-    try:
-        bucket, prefix = parse_s3_uri(uri)
-    except ValueError as e:
-        raise InvalidInput(str(e), param="s3_uri") from e
+    bucket, prefix = _check_s3_uri(uri)
     if bucket == store.bucket and not prefix.startswith(f"tenants/{tenant_id}/"):
-        raise InvalidArtifact(f"no adapter files under {uri}", file=uri)
+        raise _s3_error(f"no adapter files under {uri}")
     try:
-        objects = [o for o in store.client.list_objects(bucket, prefix=f"{prefix}/", recursive=False) if not o.is_dir]
+        listed = store.client.list_objects(bucket, prefix=f"{prefix}/" if prefix else "", recursive=False)
+        objects = [o for o in listed if not o.is_dir]
         if not objects:
-            raise InvalidArtifact(f"no adapter files under {uri}", file=uri)
+            raise _s3_error(f"no adapter files under {uri}")
         total = sum(o.size or 0 for o in objects)
         if total > max_bytes:
-            raise InvalidArtifact(f"{uri}: the adapter is {total} bytes, over the limit of {max_bytes} bytes", file=uri)
+            raise _s3_error(f"{uri}: the adapter is {total} bytes, over the limit of {max_bytes} bytes")
         for o in objects:
             store.client.fget_object(bucket, o.object_name, str(folder / _safe_name(PurePosixPath(o.object_name).name)))
     except S3Error as e:
-        raise InvalidArtifact(f"{uri}: cannot be read ({e.code})", file=uri) from e
+        raise _s3_error(f"{uri}: cannot be read ({e.code})") from e
+    except ValueError as e:  # the client's own checks of names it is given
+        raise _s3_error(f"{uri}: cannot be read ({e})") from e
+
+
+# S3's rules for a bucket name; an object key is at most 1024 bytes.
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_MAX_KEY = 1024
+
+
+def _check_s3_uri(uri: str) -> tuple[str, str]:
+    try:
+        bucket, prefix = parse_s3_uri(uri)
+    except ValueError as e:
+        raise _s3_error(f"s3_uri {uri[:100]!r}: {e}") from e
+    if not _BUCKET.match(bucket) or ".." in bucket:
+        raise _s3_error(f"s3_uri {uri[:100]!r}: {bucket[:70]!r} is not an S3 bucket name (3-63 of a-z 0-9 . -)")
+    if len(prefix.encode(errors="replace")) > _MAX_KEY - 64 or "\x00" in prefix:
+        raise _s3_error(f"s3_uri {uri[:100]!r}: the prefix is not a usable S3 key prefix")
+    return bucket, prefix
+
+
+def _s3_error(message: str) -> InvalidArtifact:
+    return InvalidArtifact(message, param="s3_uri")

@@ -1,18 +1,20 @@
 """Validate a PEFT LoRA folder against its backbone before anything is stored.
 
-A tenant's upload is untrusted, so nothing here imports torch or unpickles anything: the
-safetensors header is parsed as the JSON it is, every tensor's name, dtype and shape is
-checked against the backbone's shape, and the values are read through numpy straight from
-the file's byte ranges. Each failure raises ``InvalidArtifact`` naming the file, the
-tensor and the problem.
+A tenant's upload is untrusted, so nothing here imports torch or unpickles anything:
+``adapter_config.json`` and the tensor names and shapes are checked by
+``lorafaas.peft_config`` (the same parser the engine loads with, so what is accepted here
+is served there), the safetensors header is parsed as the JSON it is under the same rules
+the safetensors library applies on load, and the values are read through numpy straight
+from the file's byte ranges. Each failure raises ``InvalidArtifact`` naming the file, the
+tensor or field, and the problem.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,20 +22,16 @@ import numpy as np
 
 from lorafaas.artifacts import ADAPTER_OPTIONAL, ADAPTER_REQUIRED
 from lorafaas.errors import InvalidArtifact
-from lorafaas.llama import LLAMA_MODULES, llama_module_dims
+from lorafaas.llama import llama_module_dims
+from lorafaas.peft_config import CONFIG_FILE, WEIGHTS_FILE, PeftLoraConfig
 from lorafaas.settings import LimitSettings
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 # Formats that unpickle on load and can run arbitrary code: refused whatever their name.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # dtype -> (numpy dtype of the raw bytes, bytes per element)
 _DTYPES = {"F64": (np.float64, 8), "F32": (np.float32, 4), "F16": (np.float16, 2), "BF16": (np.uint16, 2)}
 _MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own cap on header size
-# PEFT names tensors base_model.model.model.layers.N.self_attn.q_proj.lora_A[.adapter].weight
-_KEY = re.compile(
-    r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$"
-)
+_MAX_DIMS = 8  # a LoRA tensor has 2; bounds the work a hostile header can ask for
 _CHUNK_ELEMS = 1 << 22
 
 
@@ -45,7 +43,15 @@ class BackboneSpec:
     shape: dict
     accepted_names: frozenset[str] = frozenset()  # its name, URI and aliases
     other_names: frozenset[str] = frozenset()  # names of every other registered backbone
-    modules: tuple[str, ...] = LLAMA_MODULES
+
+    def num_layers(self) -> int:
+        """How many Llama blocks the backbone has (from its recorded shape)."""
+        layers = self.shape.get("num_hidden_layers")
+        if not isinstance(layers, int) or layers < 1:
+            raise InvalidArtifact(
+                f"backbone '{self.name}' has no num_hidden_layers in its recorded shape; re-register it with its shape"
+            )
+        return layers
 
     def module_dims(self) -> dict[str, tuple[int, int]]:
         """(in_features, out_features) of each LoRA-targetable linear layer of a Llama block."""
@@ -88,13 +94,16 @@ def validate_adapter(folder: Path, backbone: BackboneSpec, limits: LimitSettings
     """Check a PEFT folder end to end; returns its spec or raises ``InvalidArtifact``."""
     folder = Path(folder)
     files = _check_files(folder, limits)
-    config = _read_config(folder / CONFIG_FILE)
-    rank, targets, rank_pattern = _check_config(config, backbone, limits)
+    config = PeftLoraConfig.from_file(folder / CONFIG_FILE, max_rank=limits.max_adapter_rank)
+    _check_base_model(config.base_model_name_or_path, backbone)
+    plan = config.plan(backbone.num_layers())
     tensors = read_safetensors_header(folder / WEIGHTS_FILE)
-    _check_tensors(tensors, backbone, rank, targets, rank_pattern, limits)
+    plan.match_tensors({t.name: t.shape for t in tensors}, backbone.module_dims())
     _check_finite(folder / WEIGHTS_FILE, tensors)
     size = sum((folder / f).stat().st_size for f in files)
-    return AdapterSpec(rank=rank, target_modules=sorted(targets), size_bytes=size, tensors=len(tensors), files=files)
+    return AdapterSpec(
+        rank=plan.max_rank, target_modules=list(plan.modules), size_bytes=size, tensors=len(tensors), files=files
+    )
 
 
 # --- files ------------------------------------------------------------------------------
@@ -105,7 +114,8 @@ def _check_files(folder: Path, limits: LimitSettings) -> list[str]:
     for name in present:
         if name.lower().endswith(PICKLE_SUFFIXES):
             raise InvalidArtifact(
-                f"{name}: pickle weights are refused (loading them can run code); save with safe_serialization=True to write {WEIGHTS_FILE}",
+                f"{name}: pickle weights are refused (loading them can run code); "
+                f"save with safe_serialization=True to write {WEIGHTS_FILE}",
                 file=name,
             )
     for name in ADAPTER_REQUIRED:
@@ -121,37 +131,7 @@ def _check_files(folder: Path, limits: LimitSettings) -> list[str]:
     return kept
 
 
-# --- adapter_config.json ----------------------------------------------------------------
-def _read_config(path: Path) -> dict:
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InvalidArtifact(f"{CONFIG_FILE} cannot be parsed: {e}", file=CONFIG_FILE) from e
-    if not isinstance(config, dict):
-        raise InvalidArtifact(f"{CONFIG_FILE} must hold a JSON object", file=CONFIG_FILE)
-    return config
-
-
-def _check_config(config: dict, backbone: BackboneSpec, limits: LimitSettings) -> tuple[int, set[str], dict[str, int]]:
-    if config.get("peft_type", "LORA") != "LORA":
-        raise InvalidArtifact(f"{CONFIG_FILE}: peft_type {config.get('peft_type')!r} is not LORA", file=CONFIG_FILE)
-    if config.get("use_dora"):
-        raise InvalidArtifact(
-            f"{CONFIG_FILE}: use_dora=true is not supported; train a plain LoRA adapter", file=CONFIG_FILE
-        )
-    rank = config.get("r")
-    rank_pattern = config.get("rank_pattern") or {}
-    ranks = [rank, *rank_pattern.values()] if isinstance(rank_pattern, dict) else [rank]
-    for r in ranks:
-        if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= limits.max_adapter_rank:
-            raise InvalidArtifact(
-                f"{CONFIG_FILE}: rank r={r!r} must be an integer in 1..{limits.max_adapter_rank}", file=CONFIG_FILE
-            )
-    _check_base_model(config.get("base_model_name_or_path"), backbone)
-    targets = _target_modules(config.get("target_modules"), backbone)
-    return rank, targets, rank_pattern if isinstance(rank_pattern, dict) else {}
-
-
+# --- adapter_config.json: which backbone it was trained on -------------------------------
 def _looks_like_path(value: str) -> bool:
     return value.startswith(("/", "./", "../", "~", "\\")) or (len(value) > 2 and value[1] == ":")
 
@@ -170,38 +150,21 @@ def _check_base_model(value: object, backbone: BackboneSpec) -> None:
     if value in backbone.other_names or re.fullmatch(r"[\w.-]+/[\w.-]+", value):
         known = ", ".join(sorted(backbone.accepted_names)) or backbone.name
         raise InvalidArtifact(
-            f"{CONFIG_FILE}: base_model_name_or_path {value!r} does not match backbone '{backbone.name}' (known as: {known})",
+            f"{CONFIG_FILE}: base_model_name_or_path {value!r} does not match backbone '{backbone.name}' "
+            f"(known as: {known})",
             file=CONFIG_FILE,
         )
-
-
-def _target_modules(value: object, backbone: BackboneSpec) -> set[str]:
-    if value == "all-linear":
-        return set(backbone.modules)
-    if isinstance(value, str):  # PEFT treats a string as a regex over module names
-        matched = {m for m in backbone.modules if re.fullmatch(value, m) or re.search(rf"(^|\.){value}$", m)}
-        if not matched:
-            raise InvalidArtifact(
-                f"{CONFIG_FILE}: target_modules {value!r} matches no module of backbone '{backbone.name}'",
-                file=CONFIG_FILE,
-            )
-        return matched
-    if not isinstance(value, list) or not value or not all(isinstance(m, str) for m in value):
-        raise InvalidArtifact(
-            f"{CONFIG_FILE}: target_modules must be a non-empty list of module names", file=CONFIG_FILE
-        )
-    unknown = sorted(set(value) - set(backbone.modules))
-    if unknown:
-        raise InvalidArtifact(
-            f"{CONFIG_FILE}: target module(s) {unknown} do not exist in backbone '{backbone.name}' (it has {list(backbone.modules)})",
-            file=CONFIG_FILE,
-        )
-    return set(value)
 
 
 # --- adapter_model.safetensors ----------------------------------------------------------
 def read_safetensors_header(path: Path) -> list[TensorInfo]:
-    """Parse the header (u64 length + JSON) and check every tensor's bytes lie in the file."""
+    """Parse the header (u64 length + JSON) as the safetensors library does on load.
+
+    Every entry needs a float ``dtype``, a ``shape`` of non-negative integers and
+    ``data_offsets`` of two integers whose span holds exactly that shape; the tensors must
+    tile the data section with no gap, overlap or trailing byte. So a file accepted here
+    is one the worker's ``safetensors.torch.load_file`` reads.
+    """
     name = path.name
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -214,110 +177,89 @@ def read_safetensors_header(path: Path) -> list[TensorInfo]:
                 f"{name}: truncated or not safetensors: header of {header_len} bytes in a {size}-byte file", file=name
             )
         raw = f.read(header_len)
+    header = _header_json(name, raw)
+    data_start = 8 + header_len
+    tensors = [_tensor_info(name, key, entry) for key, entry in header.items()]
+    if not tensors:
+        raise InvalidArtifact(f"{name}: holds no tensors", file=name)
+    _check_tiling(name, tensors, size - data_start)
+    return [TensorInfo(t.name, t.dtype, t.shape, data_start + t.start, data_start + t.end) for t in tensors]
+
+
+def _header_json(name: str, raw: bytes) -> dict:
+    if not raw.startswith(b"{"):
+        raise InvalidArtifact(f"{name}: the safetensors header is not a JSON object", file=name)
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        header = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise InvalidArtifact(f"{name}: the safetensors header is not valid JSON: {e}", file=name) from e
     if not isinstance(header, dict):
         raise InvalidArtifact(f"{name}: the safetensors header is not a JSON object", file=name)
-    header.pop("__metadata__", None)
-    data_start = 8 + header_len
-    tensors = [_tensor_info(name, key, entry, data_start, size) for key, entry in header.items()]
-    if not tensors:
-        raise InvalidArtifact(f"{name}: holds no tensors", file=name)
-    return tensors
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and (
+        not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values())
+    ):
+        raise InvalidArtifact(f"{name}: __metadata__ must map names to strings", file=name, field="__metadata__")
+    return header
 
 
-def _tensor_info(file: str, key: str, entry: object, data_start: int, size: int) -> TensorInfo:
-    if not isinstance(entry, dict) or "dtype" not in entry or "shape" not in entry or "data_offsets" not in entry:
+def _no_constant(token: str) -> object:
+    raise ValueError(f"{token} is not JSON")
+
+
+def _tensor_info(file: str, key: str, entry: object) -> TensorInfo:
+    """One header entry, its offsets still relative to the data section."""
+
+    def bad(field: str, problem: str) -> InvalidArtifact:
+        return InvalidArtifact(f"{file}: tensor {key}: {field} {problem}", file=file, tensor=key, field=field)
+
+    if not isinstance(entry, dict):
         raise InvalidArtifact(f"{file}: tensor {key}: malformed header entry", file=file, tensor=key)
-    dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-    if dtype not in _DTYPES:
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
+        raise bad("dtype", f"{dtype!r} is not a float type (F16, BF16, F32, F64)")
+    if not isinstance(shape, list) or len(shape) > _MAX_DIMS or not all(_is_size(d) for d in shape):
+        raise bad("shape", f"{_short(shape)} is not a list of at most {_MAX_DIMS} non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_size(o) for o in offsets):
+        raise bad("data_offsets", f"{_short(offsets)} is not two non-negative integers [begin, end]")
+    begin, end = offsets
+    expected = math.prod(shape) * _DTYPES[dtype][1]
+    if end - begin != expected:
+        raise bad("data_offsets", f"span {end - begin} bytes for shape {shape} {dtype} (expected {expected})")
+    return TensorInfo(key, dtype, tuple(shape), begin, end)
+
+
+def _check_tiling(file: str, tensors: list[TensorInfo], data_bytes: int) -> None:
+    """The tensors cover the data section exactly, in offset order (the library refuses anything else)."""
+    position = 0
+    for t in sorted(tensors, key=lambda t: (t.start, t.end)):
+        if t.start != position:
+            problem = "overlaps another tensor" if t.start < position else f"leaves a gap at byte {position}"
+            raise InvalidArtifact(
+                f"{file}: tensor {t.name}: data_offsets [{t.start}, {t.end}] {problem}",
+                file=file,
+                tensor=t.name,
+                field="data_offsets",
+            )
+        position = t.end
+    if position > data_bytes:
         raise InvalidArtifact(
-            f"{file}: tensor {key}: dtype {dtype} is not a float type (F16, BF16, F32, F64)", file=file, tensor=key
+            f"{file}: truncated: its tensors need {position} bytes of data but the file holds {data_bytes}", file=file
         )
-    expected = int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype][1]
-    if end - begin != expected or begin < 0:
+    if position < data_bytes:
         raise InvalidArtifact(
-            f"{file}: tensor {key}: {end - begin} bytes for shape {list(shape)} {dtype} (expected {expected})",
-            file=file,
-            tensor=key,
+            f"{file}: {data_bytes - position} bytes after the last tensor are not part of any tensor", file=file
         )
-    if data_start + end > size:
-        raise InvalidArtifact(
-            f"{file}: truncated: tensor {key} ends at byte {data_start + end} but the file has {size}",
-            file=file,
-            tensor=key,
-        )
-    return TensorInfo(key, dtype, shape, data_start + begin, data_start + end)
 
 
-def _check_tensors(
-    tensors: Iterable[TensorInfo],
-    backbone: BackboneSpec,
-    rank: int,
-    targets: set[str],
-    rank_pattern: dict[str, int],
-    limits: LimitSettings,
-) -> None:
-    dims = backbone.module_dims()
-    layers = int(backbone.shape.get("num_hidden_layers") or 0)
-    seen: dict[tuple[int, str], set[str]] = {}
-    for t in tensors:
-        match = _KEY.match(t.name)
-        if match is None:
-            raise InvalidArtifact(
-                f"{WEIGHTS_FILE}: tensor {t.name}: not a LoRA A/B weight of a Llama linear layer",
-                file=WEIGHTS_FILE,
-                tensor=t.name,
-            )
-        layer, module, side = int(match.group(1)), match.group(3), match.group(4)
-        if module not in dims:
-            raise InvalidArtifact(
-                f"{WEIGHTS_FILE}: tensor {t.name}: module {module} does not exist in backbone '{backbone.name}'",
-                file=WEIGHTS_FILE,
-                tensor=t.name,
-            )
-        if module not in targets:
-            raise InvalidArtifact(
-                f"{WEIGHTS_FILE}: tensor {t.name}: module {module} is not in target_modules {sorted(targets)}",
-                file=WEIGHTS_FILE,
-                tensor=t.name,
-            )
-        if not 0 <= layer < layers:
-            raise InvalidArtifact(
-                f"{WEIGHTS_FILE}: tensor {t.name}: layer {layer} does not exist (the backbone has {layers})",
-                file=WEIGHTS_FILE,
-                tensor=t.name,
-            )
-        r = _rank_for(t.name, rank, rank_pattern)
-        fan_in, fan_out = dims[module]
-        expected = (r, fan_in) if side == "A" else (fan_out, r)
-        if t.shape != expected:
-            what = "r x in" if side == "A" else "out x r"
-            raise InvalidArtifact(
-                f"{WEIGHTS_FILE}: tensor {t.name}: shape {list(t.shape)} does not match {list(expected)} ({what} for {module} of backbone '{backbone.name}')",
-                file=WEIGHTS_FILE,
-                tensor=t.name,
-            )
-        seen.setdefault((layer, module), set()).add(side)
-    for (layer, module), sides in sorted(seen.items()):
-        if sides != {"A", "B"}:
-            missing = "lora_B" if "A" in sides else "lora_A"
-            raise InvalidArtifact(
-                f"{WEIGHTS_FILE}: layer {layer} {module} has no {missing} tensor",
-                file=WEIGHTS_FILE,
-                tensor=f"layers.{layer}.{module}",
-            )
+def _is_size(value: object) -> bool:
+    """A non-negative integer that fits the format's u64 (and not a bool, a float or a string)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 63
 
 
-def _rank_for(key: str, rank: int, rank_pattern: dict[str, int]) -> int:
-    """PEFT's rank_pattern overrides r for modules whose name ends with a pattern key."""
-    module_path = key.split(".lora_", 1)[0]
-    for pattern, r in rank_pattern.items():
-        if module_path.endswith(pattern) or re.search(rf"(^|\.){pattern}$", module_path):
-            return r
-    return rank
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _check_finite(path: Path, tensors: list[TensorInfo]) -> None:

@@ -15,10 +15,13 @@ from lorafaas.wire import WorkerHeartbeat
 
 class WorkerStatus(StrEnum):
     ALIVE = "alive"
+    STUCK = "stuck"  # the process beats, but its engine has failed or makes no progress
     DEAD = "dead"
 
 
-async def record_heartbeat(session: AsyncSession, beat: WorkerHeartbeat) -> None:
+async def record_heartbeat(
+    session: AsyncSession, beat: WorkerHeartbeat, status: WorkerStatus = WorkerStatus.ALIVE
+) -> None:
     """Register or refresh a worker. The receive time (the database's clock) is what counts,
     so a worker with a skewed clock is judged like any other."""
     values = dict(
@@ -26,7 +29,7 @@ async def record_heartbeat(session: AsyncSession, beat: WorkerHeartbeat) -> None
         backbone=beat.backbone,
         device=beat.device,
         started_at=beat.started_at,
-        status=WorkerStatus.ALIVE,
+        status=status,
     )
     stmt = insert(Worker).values(**values, last_heartbeat_at=func.now())
     stmt = stmt.on_conflict_do_update(
@@ -35,7 +38,7 @@ async def record_heartbeat(session: AsyncSession, beat: WorkerHeartbeat) -> None
             backbone=beat.backbone,
             device=beat.device,
             started_at=beat.started_at,
-            status=WorkerStatus.ALIVE,
+            status=status,
             last_heartbeat_at=func.now(),
             dead_at=None,
         ),
@@ -44,11 +47,11 @@ async def record_heartbeat(session: AsyncSession, beat: WorkerHeartbeat) -> None
 
 
 async def mark_silent_dead(session: AsyncSession, silent_for_s: float) -> list[str]:
-    """Mark every alive worker whose last heartbeat is older than the threshold as dead; returns their ids."""
+    """Mark every alive or stuck worker whose last heartbeat is older than the threshold as dead; returns their ids."""
     cutoff = func.now() - timedelta(seconds=silent_for_s)
     result = await session.execute(
         update(Worker)
-        .where(Worker.status == WorkerStatus.ALIVE, Worker.last_heartbeat_at < cutoff)
+        .where(Worker.status.in_([WorkerStatus.ALIVE, WorkerStatus.STUCK]), Worker.last_heartbeat_at < cutoff)
         .values(status=WorkerStatus.DEAD, dead_at=func.now())
         .returning(Worker.id)
     )

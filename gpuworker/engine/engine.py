@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from lorafaas.errors import InvalidArtifact
+from lorafaas.errors import InvalidArtifact, InvalidInput
 
 from .adapter_weights import MODULES, AdapterWeights, module_dims
 from .lora_ops import AdapterMeta, LoraBatch, LoraBatchBuilder, StackCache
@@ -27,15 +27,11 @@ from .model import LlamaRunner
 from .pool import PagedAdapterPool, PoolEntry, PoolStats
 from .sampling import make_generator, select_tokens
 from .sequence import Detokenizer, Sequence, StopMatcher
-from .types import FINISH_ABORT, EngineRequest, StepOutput
+from .types import FINISH_ABORT, FINISH_ERROR, EngineRequest, StepOutput
 
 log = logging.getLogger(__name__)
 
 RANK_UNIT = 8  # a page holds 8 ranks of one square (hidden x hidden) module: A and B
-DEFAULT_MAX_SEQ_LEN = 1024
-# A kernel launch from eager torch costs ~5-10 us of host time, the time HBM needs to read ~16 MB:
-# on CUDA a group saved is worth that many bytes of zero padding.
-CUDA_PAD_OP_BYTES = 16 << 20
 DEFAULT_POOL_ADAPTERS = 4  # default pool: room for this many rank-128 adapters on every linear module
 
 
@@ -62,11 +58,7 @@ class LoraEngine:
         max_batch: int = 16,
         pool_pages: int | None = None,
         max_seq_len: int | None = None,
-        pad_op_bytes: int | None = None,
     ) -> None:
-        """``pad_op_bytes``: how many bytes one extra LoRA group costs to launch, against which
-        padding ranks of one group to the largest is weighed (``LoraBatchBuilder``); default 0 on
-        CPU (never pad), ``CUDA_PAD_OP_BYTES`` on CUDA."""
         cfg = model.config
         model_device = next(model.parameters()).device
         if torch.device(device).type != model_device.type:
@@ -76,22 +68,15 @@ class LoraEngine:
         self.config = cfg
         self.tokenizer = tokenizer
         self.max_batch = max_batch
-        self.max_seq_len = max_seq_len or min(cfg.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
+        # The context limit is the backbone's own (config.json, copied into its record at
+        # registration): the gateway, the worker and the engine all hold requests to it.
+        self.max_seq_len = max_seq_len or cfg.max_position_embeddings
         self.runner = LlamaRunner(model, max_batch, self.max_seq_len)
         self.pool = PagedAdapterPool(
             pool_pages or default_pool_pages(cfg), page_elems_for(cfg), self.runner.dtype, self.device
         )
         self.stacks = StackCache(max_bytes=self.pool.num_pages * self.pool.page_bytes)
-        if pad_op_bytes is None:
-            pad_op_bytes = CUDA_PAD_OP_BYTES if self.device.type == "cuda" else 0
-        self.builder = LoraBatchBuilder(
-            cfg.num_hidden_layers,
-            self._meta,
-            self._read_flat,
-            self.stacks,
-            pad_op_bytes=pad_op_bytes,
-            elem_bytes=self.runner.dtype.itemsize,
-        )
+        self.builder = LoraBatchBuilder(cfg.num_hidden_layers, self._meta, self._read_flat, self.stacks)
         self.eos_ids = _eos_ids(cfg, tokenizer)
         self.last_step_s = 0.0
         # Seconds in each phase of the last decode step (the benchmark's per-token breakdown).
@@ -138,7 +123,7 @@ class LoraEngine:
             self.pool.touch(adapter_id)
             return None
         self._check_fits_backbone(adapter_id, weights)
-        meta = AdapterMeta(weights.rank, weights.scaling, weights.layout)
+        meta = AdapterMeta(weights.rank, weights.layout)
         entry, evicted = self.pool.reserve(adapter_id, weights.numel, meta)
         for victim in evicted:
             self.stacks.invalidate(victim)
@@ -212,20 +197,29 @@ class LoraEngine:
         self._by_id[req.request_id] = seq
 
     def _validate(self, req: EngineRequest) -> None:
+        """ValueError for a caller of the engine that broke its contract; InvalidInput (a domain
+        error, permanent: never worth a retry) for a request no engine could serve."""
         if req.request_id in self._by_id:
             raise ValueError(f"request {req.request_id!r} is already in the engine")
         if req.adapter_id is not None and req.adapter_id not in self.pool:
             raise ValueError(f"adapter {req.adapter_id!r} is not resident; load it first")
         if not req.prompt_ids:
-            raise ValueError("prompt_ids is empty")
-        if len(req.prompt_ids) >= self.max_seq_len:
-            raise ValueError(f"prompt of {len(req.prompt_ids)} tokens does not fit max_seq_len {self.max_seq_len}")
+            raise InvalidInput("the prompt is empty after tokenisation", param="prompt")
         if min(req.prompt_ids) < 0 or max(req.prompt_ids) >= self.config.vocab_size:
-            raise ValueError("prompt_ids holds a token id outside the vocabulary")
+            raise InvalidInput("the prompt holds a token id outside the vocabulary", param="prompt")
         if req.max_tokens < 1:
-            raise ValueError("max_tokens must be at least 1")
-        if not (req.temperature >= 0.0 and math.isfinite(req.temperature)) or not (0.0 < req.top_p <= 1.0):
-            raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
+            raise InvalidInput("max_tokens must be at least 1", param="max_tokens")
+        if len(req.prompt_ids) + req.max_tokens > self.max_seq_len:
+            raise InvalidInput(
+                f"prompt of {len(req.prompt_ids)} tokens plus max_tokens={req.max_tokens} exceeds the backbone's "
+                f"context of {self.max_seq_len} tokens",
+                param="prompt",
+                limit=self.max_seq_len,
+            )
+        if not (req.temperature >= 0.0 and math.isfinite(req.temperature)):
+            raise InvalidInput("temperature must be a finite number >= 0", param="temperature")
+        if not (0.0 < req.top_p <= 1.0):
+            raise InvalidInput("top_p must be in (0, 1]", param="top_p")
 
     def abort(self, request_id: str) -> None:
         """The next step() emits a finished output with finish_reason "abort" (unknown ids are ignored)."""
@@ -295,12 +289,16 @@ class LoraEngine:
         if self.on_logits is not None:
             self.on_logits([seq.req.request_id for seq in seqs], logits)
         t2 = time.perf_counter()
-        chosen = self._select(logits, seqs)  # on CUDA this waits for the forward's kernels
+        chosen, failed = self._select(logits, seqs)  # on CUDA this waits for the forward's kernels
         t3 = time.perf_counter()
         outputs, finished = [], []
-        for seq, token in zip(seqs, chosen):
+        for row, (seq, token) in enumerate(zip(seqs, chosen)):
             seq.length += 1
             work[seq.req.request_id] = 1
+            if row in failed:
+                outputs.append(_failed(seq, failed[row]))
+                finished.append(seq)
+                continue
             text, reason = seq.append(token, self.eos_ids, self.max_seq_len)
             outputs.append(_output(seq, token, text, reason))
             if reason is not None:
@@ -331,11 +329,15 @@ class LoraEngine:
             seq.length = len(seq.req.prompt_ids)
             if self.on_logits is not None:
                 self.on_logits([seq.req.request_id], logits[None])
-            token = self._select(logits[None], [seq])[0]
+            chosen, failed = self._select(logits[None], [seq])
             seq.prefill_s = time.perf_counter() - t0
             work[seq.req.request_id] = seq.length
-            text, reason = seq.append(token, self.eos_ids, self.max_seq_len)
-            out = _output(seq, token, text, reason)
+            reason: str | None
+            if failed:
+                out, reason = _failed(seq, failed[0]), FINISH_ERROR
+            else:
+                text, reason = seq.append(chosen[0], self.eos_ids, self.max_seq_len)
+                out = _output(seq, chosen[0], text, reason)
             out.prefill_s = seq.prefill_s
             outputs.append(out)
             if reason is not None:
@@ -343,10 +345,14 @@ class LoraEngine:
                 self._retire(slot)
         return outputs
 
-    def _select(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+    def _select(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], dict[int, str]]:
+        """Tokens per row, and the rows (requests) that failed with the reason: they end alone."""
         temps = [s.req.temperature for s in seqs]
         top_ps = [s.req.top_p for s in seqs]
-        return select_tokens(logits, temps, top_ps, [s.generator for s in seqs])
+        chosen, failed = select_tokens(logits, temps, top_ps, [s.generator for s in seqs])
+        for row, reason in failed.items():
+            log.warning("request %s failed in the engine: %s", seqs[row].req.request_id, reason)
+        return chosen, failed
 
     def _retire(self, index: int) -> None:
         """Free slot ``index``: wipe it, move the last running request into it (slots stay dense)."""
@@ -448,6 +454,13 @@ def _output(seq: Sequence, token: int, text: str, reason: str | None, index: int
         prompt_tokens=len(seq.req.prompt_ids),
         device_s=0.0,
     )
+
+
+def _failed(seq: Sequence, reason: str) -> StepOutput:
+    """The last output of a request that failed alone: no token, the reason in ``error``."""
+    out = _output(seq, -1, "", FINISH_ERROR, index=len(seq.generated))
+    out.error = reason
+    return out
 
 
 def _eos_ids(config: Any, tokenizer: Any) -> frozenset[int]:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
 FINISH_ABORT = "abort"
+FINISH_ERROR = "error"  # this request failed alone (its ``StepOutput.error`` says why); the batch goes on
 
 
 @dataclass
@@ -37,7 +38,8 @@ class StepOutput:
     text: str  # newly decoded, complete text (held back while a multi-byte char or stop string is pending)
     index: int  # 0 for the first generated token
     finished: bool
-    finish_reason: str | None  # "stop", "length", "abort"
+    finish_reason: str | None  # "stop", "length", "abort", "error"
     prompt_tokens: int
     device_s: float  # share of the step's wall time, apportioned by tokens processed (prefill counts)
     prefill_s: float = 0.0  # on the first token: the wall time of this request's prefill
+    error: str | None = None  # with finish_reason "error": why this request failed (token_id is -1)

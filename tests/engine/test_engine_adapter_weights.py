@@ -20,7 +20,7 @@ A_KEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 
 def test_parses_rank_scaling_targets_and_bytes(weights) -> None:
     w = weights["r32"]
-    assert (w.rank, w.scaling) == (32, 1.0)
+    assert w.rank == 32 and {(s.rank, s.scaling) for s in w.layout} == {(32, 1.0)}
     assert w.target_modules == ("gate_proj", "up_proj", "down_proj")
     # tiny: hidden 64, intermediate 172, 2 layers: (64+172) * 32 per module, 3 modules.
     assert w.nbytes == 2 * 3 * 32 * (64 + 172) * 4
@@ -47,7 +47,7 @@ def test_alpha_and_rslora_scaling(assets, model_and_tokenizer, tmp_path) -> None
     folder = _copy(assets.adapters["r8"], tmp_path)
     _edit_config(folder, lora_alpha=32, use_rslora=True)
     w = AdapterWeights.from_peft_folder(folder, model_and_tokenizer[0].config)
-    assert w.scaling == pytest.approx(32 / 8**0.5)
+    assert [s.scaling for s in w.layout] == pytest.approx([32 / 8**0.5] * len(w.layout))
 
 
 def _copy(folder: Path, tmp_path: Path) -> Path:

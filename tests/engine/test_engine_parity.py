@@ -144,35 +144,3 @@ def test_rank_groups_do_not_pad_to_the_largest_rank(make_engine, model_and_token
             assert all(b.shape[1] == g.rank for b in g.b)
     qkv_ranks = sorted({g.rank for g in lora.groups[(0, "qkv")]})
     assert qkv_ranks == [8, 16, 64, 128]  # r32 targets only the MLP
-
-
-def test_padded_rank_groups_give_the_same_tokens_with_fewer_groups(make_engine, model_and_tokenizer, run_all) -> None:
-    """With launches priced high (as on CUDA) adjacent ranks share one zero-padded group; the
-    tokens are those of the unpadded engine."""
-    tokenizer = model_and_tokenizer[1]
-    results, group_counts = [], []
-    for pad_op_bytes in (0, 1 << 40):
-        engine = make_engine(max_batch=8, pad_op_bytes=pad_op_bytes)
-        for req in _requests(tokenizer):
-            engine.add_request(req)
-        engine.step()
-        engine.step()
-        lora = engine._batch.lora
-        group_counts.append(sum(len(g) for g in lora.groups.values()))
-        for groups in lora.groups.values():
-            for g in groups:
-                assert g.a_cat.shape == (g.k, g.a_cat.shape[1], g.rank * len(g.modules))
-        outs = run_all(engine)
-        results.append({rid: [o.token_id for o in seq] for rid, seq in outs.items()})
-    assert results[0] == results[1]
-    assert group_counts[1] < group_counts[0]
-
-
-def test_best_buckets_weighs_padding_against_launches() -> None:
-    from gpuworker.engine.lora_ops import _best_buckets
-
-    ranks = (8, 8, 16, 32, 128)
-    assert _best_buckets(ranks, 0, 1) == [(0, 2), (2, 3), (3, 4), (4, 5)]  # free launches: never pad
-    assert _best_buckets(ranks, 10**9, 1) == [(0, 5)]  # dear launches: one group
-    # A launch worth 40 rank-units: 8, 8, 16 pad to 16 (16 units < 40); 64 and 128 stay apart.
-    assert _best_buckets((8, 8, 16, 64, 128), 40, 1) == [(0, 3), (3, 4), (4, 5)]

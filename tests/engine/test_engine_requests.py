@@ -6,6 +6,7 @@ import pytest
 
 from gpuworker.engine import EngineRequest, PoolFullError
 from gpuworker.engine.sequence import Detokenizer, StopMatcher
+from lorafaas.errors import InvalidInput
 
 pytestmark = pytest.mark.unit
 
@@ -154,22 +155,22 @@ def test_residency_pinning_and_eviction(make_engine, model_and_tokenizer, weight
 
 
 @pytest.mark.parametrize(
-    "bad",
+    ("bad", "error"),
     [
-        dict(prompt_ids=[]),
-        dict(max_tokens=0),
-        dict(prompt_ids=[10**6]),
-        dict(temperature=-1.0),
-        dict(top_p=0.0),
-        dict(adapter_id="nope"),
+        (dict(prompt_ids=[]), InvalidInput),
+        (dict(max_tokens=0), InvalidInput),
+        (dict(prompt_ids=[10**6]), InvalidInput),
+        (dict(temperature=-1.0), InvalidInput),
+        (dict(top_p=0.0), InvalidInput),
+        (dict(adapter_id="nope"), ValueError),  # the worker's contract with the engine, not the caller's input
     ],
 )
-def test_invalid_requests_are_refused(make_engine, bad) -> None:
+def test_invalid_requests_are_refused(make_engine, bad, error) -> None:
     engine = make_engine()
     req = EngineRequest("x", "r8", [5, 6, 7], max_tokens=3)
     for key, value in bad.items():
         setattr(req, key, value)
-    with pytest.raises(ValueError):
+    with pytest.raises(error):
         engine.add_request(req)
     assert not engine.has_work()
 
