@@ -14,7 +14,8 @@ from collections import OrderedDict
 from enum import StrEnum
 from pathlib import Path
 
-from gpuworker.engine import AdapterWeights, LoraEngine
+from gpuworker.engine import AdapterWeights, LoraEngine, PoolFullError
+from gpuworker.engine.engine import PendingLoad
 from gpuworker.runner import EngineRunner
 from lorafaas.artifacts import ArtifactStore
 from lorafaas.wire import AdapterRef, AdapterResidency
@@ -37,7 +38,12 @@ class AdapterEvicted(RuntimeError):
 
 
 class DeviceLoad:
-    """The host -> device step of one adapter, run on the engine thread (see ``AdapterManager.stage``)."""
+    """The last host -> device step of one adapter, run on the engine thread (see ``AdapterManager.stage``).
+
+    Normally the copy has already happened off the engine thread (``pending``) and this only
+    makes the adapter usable; if the pool had no room at staging time, the copy runs here
+    (and raises ``PoolFullError`` into ``EngineRunner.submit`` if there is still none).
+    """
 
     def __init__(
         self,
@@ -45,16 +51,22 @@ class DeviceLoad:
         key: str,
         weights: AdapterWeights | None,
         fetch_s: float,
+        pending: PendingLoad | None = None,
         tier: Tier = Tier.DEVICE,
         moves_s: dict[str, float] | None = None,
     ) -> None:
-        self.engine, self.key, self.weights = engine, key, weights
+        self.engine, self.key, self.weights, self.pending = engine, key, weights, pending
         self.fetch_s = fetch_s  # seconds spent bringing it to host memory
-        self.copy_s = 0.0  # seconds of the device copy, set on the engine thread
+        self.copy_s = pending.copy_s if pending is not None else 0.0  # seconds of the device copy
         self.tier = tier  # where the adapter was when staged
         self.moves_s = dict(moves_s or {})  # "s3->disk", "disk->host", then "host->device" once copied
+        if pending is not None:
+            self.moves_s["host->device"] = self.copy_s
 
     def __call__(self) -> None:
+        if self.pending is not None and not self.pending.finished:
+            self.engine.finish_load(self.pending)
+            return
         if self.engine.is_resident(self.key):
             return
         if self.weights is None:
@@ -83,6 +95,7 @@ class AdapterManager:
         self.pin_memory = pin_memory
         self.refs: dict[str, AdapterRef] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._pending: dict[str, PendingLoad] = {}  # copied, waiting for their request's engine call
 
     # --- where things are ------------------------------------------------------------
     def disk_path(self, ref: AdapterRef) -> Path:
@@ -112,20 +125,50 @@ class AdapterManager:
     async def stage(self, ref: AdapterRef) -> DeviceLoad:
         """Bring the adapter down to host memory (S3 and disk as needed), off the engine thread.
 
-        Returns the device step, to run on the engine thread in the same call as the request
-        that needs the adapter (``EngineRunner.submit(prepare=...)``): no step runs between the
-        load and the request, so a cold start adds only the copy, not a wait for another step.
+        The host -> device copy happens here too, outside the engine thread (``_copy_to_device``),
+        so the running batch keeps decoding while it runs. Returns the device step that makes the
+        adapter usable, to run on the engine thread in the same call as the request that needs it
+        (``EngineRunner.submit(prepare=...)``): no step runs between the two, so nothing can evict
+        the adapter before its request pins it.
         """
         key = adapter_key(ref)
         self.refs[key] = ref
-        if self.runner.engine.is_resident(key):
-            return DeviceLoad(self.runner.engine, key, None, 0.0)
+        self._pending = {k: p for k, p in self._pending.items() if not p.finished}
+        engine = self.runner.engine
+        if engine.is_resident(key):
+            return DeviceLoad(engine, key, None, 0.0)
         tier = self.tier_of(ref)
         moves_s: dict[str, float] = {}
         started = time.perf_counter()  # a request that waits for another's fetch of it was delayed too
         async with self._locks.setdefault(key, asyncio.Lock()):
             weights = await self._to_host(ref, moves_s)
-        return DeviceLoad(self.runner.engine, key, weights, time.perf_counter() - started, tier, moves_s)
+            fetch_s = time.perf_counter() - started
+            pending = self._pending.get(key)
+            if pending is None or pending.finished:
+                pending = await self._copy_to_device(key, weights)
+        return DeviceLoad(engine, key, weights, fetch_s, pending, tier, moves_s)
+
+    async def _copy_to_device(self, key: str, weights: AdapterWeights) -> PendingLoad | None:
+        """Reserve pages on the engine thread (between two steps, bookkeeping only), copy the
+        weights in from a worker thread (a CUDA side stream from pinned memory) while the batch
+        keeps decoding, and leave the commit to the request's own engine call.
+
+        None when the adapter became resident meanwhile, or when the pool has no room now: the
+        request's engine call then loads it there, or waits for pages (``PoolFullError``)."""
+        engine = self.runner.engine
+        try:
+            pending = await self.runner.call(engine.begin_load, key, weights)
+        except PoolFullError:
+            return None
+        if pending is None:
+            return None
+        try:
+            await asyncio.to_thread(pending.copy)
+        except BaseException:
+            await asyncio.shield(self.runner.call(engine.abort_load, pending))
+            raise
+        self._pending[key] = pending
+        return pending
 
     async def ensure_on_device(self, ref: AdapterRef) -> float:
         """Bring the adapter to the device pool; returns the seconds spent on missing tiers."""

@@ -24,7 +24,7 @@ from lorafaas.errors import InvalidArtifact, InvalidInput
 from .adapter_weights import MODULES, AdapterWeights, module_dims
 from .lora_ops import AdapterMeta, LoraBatch, LoraBatchBuilder, StackCache
 from .model import LlamaRunner
-from .pool import PagedAdapterPool, PoolStats
+from .pool import PagedAdapterPool, PoolEntry, PoolStats
 from .sampling import make_generator, select_tokens
 from .sequence import Detokenizer, Sequence, StopMatcher
 from .types import FINISH_ABORT, FINISH_ERROR, EngineRequest, StepOutput
@@ -79,6 +79,8 @@ class LoraEngine:
         self.builder = LoraBatchBuilder(cfg.num_hidden_layers, self._meta, self._read_flat, self.stacks)
         self.eos_ids = _eos_ids(cfg, tokenizer)
         self.last_step_s = 0.0
+        # Seconds in each phase of the last decode step (the benchmark's per-token breakdown).
+        self.timings: dict[str, float] = {}
         self.evicted_on_last_load: list[str] = []
         # Optional observer of every forward's logits (request ids, [rows, vocab]); tests and the
         # benchmark use it to compare with PEFT. None costs nothing on the hot path.
@@ -91,26 +93,62 @@ class LoraEngine:
 
     # -- adapters ---------------------------------------------------------------------------
     def load_adapter(self, adapter_id: str, weights: AdapterWeights) -> None:
-        """Copy an adapter host -> device pool, evicting LRU unpinned adapters first.
+        """Copy an adapter host -> device pool on the calling thread, evicting LRU unpinned adapters first.
 
-        A resident id is only touched (offload it first to replace its weights).
-        Raises PoolFullError when it cannot fit even after evicting every unpinned adapter.
+        A resident id is only touched (offload it first to replace its weights). Raises
+        PoolFullError when it cannot fit even after evicting every unpinned adapter. The worker
+        uses ``begin_load`` / ``PendingLoad.copy`` / ``finish_load`` instead, so that the copy
+        runs outside the engine thread and does not stall the running batch.
+        """
+        pending = self.begin_load(adapter_id, weights)
+        if pending is None:
+            return
+        try:
+            pending.copy()
+        except BaseException:
+            self.abort_load(pending)
+            raise
+        self.finish_load(pending)
+
+    def begin_load(self, adapter_id: str, weights: AdapterWeights) -> PendingLoad | None:
+        """Reserve pool pages for an adapter (engine thread; bookkeeping only, no copy).
+
+        Returns None when the adapter is already resident (it is touched). Evicts LRU unpinned
+        adapters first; raises PoolFullError when it cannot fit, ValueError while another load
+        of the same id is in flight. Run ``PendingLoad.copy`` on any thread, then ``finish_load``
+        (or ``abort_load``) on the engine thread.
         """
         self.evicted_on_last_load = []
         if adapter_id in self.pool:
             self.pool.touch(adapter_id)
-            return
+            return None
         self._check_fits_backbone(adapter_id, weights)
         meta = AdapterMeta(weights.rank, weights.layout)
-        entry, evicted = self.pool.load(adapter_id, weights.numel, meta)
+        entry, evicted = self.pool.reserve(adapter_id, weights.numel, meta)
         for victim in evicted:
             self.stacks.invalidate(victim)
-        self.pool.write(entry, weights.flat)
         self.evicted_on_last_load = evicted
+        return PendingLoad(self.pool, entry, weights)
+
+    def finish_load(self, pending: PendingLoad) -> None:
+        """Make a copied adapter usable (engine thread). Idempotent."""
+        if pending.finished:
+            return
+        if not pending.copied:
+            raise RuntimeError(f"adapter {pending.entry.adapter_id!r}: finish_load before its copy")
+        pending.wait_on_current_stream()
+        self.pool.commit(pending.entry.adapter_id)
+        pending.finished = True
+
+    def abort_load(self, pending: PendingLoad) -> None:
+        """Give back the pages of a load whose copy failed (engine thread)."""
+        if not pending.finished:
+            self.pool.release_reserved(pending.entry.adapter_id)
+            pending.finished = True
 
     def offload_adapter(self, adapter_id: str) -> None:
-        """Free an adapter's pages. A no-op if not resident; ValueError while requests use it."""
-        if adapter_id not in self.pool:
+        """Free an adapter's pages. A no-op if not resident; ValueError while requests use it (or while it loads)."""
+        if not self.pool.holds(adapter_id):
             return
         self.pool.release(adapter_id)  # raises ValueError if pinned
         self.stacks.invalidate(adapter_id)
@@ -236,6 +274,7 @@ class LoraEngine:
         return outputs
 
     def _decode(self, work: dict[str, int]) -> list[StepOutput]:
+        t0 = time.perf_counter()
         running = self._running
         rows = tuple(seq.req.adapter_id for seq in running)
         if self._batch is None or rows != self._batch.rows:
@@ -244,11 +283,14 @@ class LoraEngine:
         seqs = [running[i] for i in batch.lora.order]  # row order
         tokens = torch.tensor([seq.last_token for seq in seqs], dtype=torch.long, device=self.device)
         max_len = max(seq.length for seq in seqs) + 1
+        t1 = time.perf_counter()
         logits = self.runner.decode(tokens, batch.positions, batch.slots, batch.inverse, max_len, batch.lora)
         batch.positions += 1
         if self.on_logits is not None:
             self.on_logits([seq.req.request_id for seq in seqs], logits)
-        chosen, failed = self._select(logits, seqs)
+        t2 = time.perf_counter()
+        chosen, failed = self._select(logits, seqs)  # on CUDA this waits for the forward's kernels
+        t3 = time.perf_counter()
         outputs, finished = [], []
         for row, (seq, token) in enumerate(zip(seqs, chosen)):
             seq.length += 1
@@ -261,9 +303,17 @@ class LoraEngine:
             outputs.append(_output(seq, token, text, reason))
             if reason is not None:
                 finished.append(seq)
+        t4 = time.perf_counter()
         for seq in finished:
             self._forget(seq)
             self._retire(running.index(seq))
+        self.timings = {
+            "batch_inputs": t1 - t0,
+            "forward": t2 - t1,
+            "sample": t3 - t2,
+            "detokenize": t4 - t3,
+            "retire": time.perf_counter() - t4,
+        }
         return outputs
 
     def _admit(self, work: dict[str, int]) -> list[StepOutput]:
@@ -323,6 +373,53 @@ class LoraEngine:
         self._aborts.discard(seq.req.request_id)
         if seq.req.adapter_id is not None:
             self.pool.unpin(seq.req.adapter_id)
+
+
+class PendingLoad:
+    """One adapter's host -> device copy into pages reserved by ``LoraEngine.begin_load``.
+
+    ``copy`` may run on any thread while the engine thread keeps stepping: it writes only the
+    reserved pages, which no step reads before ``finish_load``. On CUDA the copy goes from
+    pinned host memory on a side stream, so it overlaps the step's kernels too; ``finish_load``
+    makes the compute stream wait for it (an event, no host sync).
+    """
+
+    def __init__(self, pool: PagedAdapterPool, entry: PoolEntry, weights: AdapterWeights) -> None:
+        self.pool, self.entry, self.weights = pool, entry, weights
+        self.copied = False
+        self.finished = False
+        self.copy_s = 0.0
+        self._event: Any = None
+
+    def copy(self) -> None:
+        """Write the weights into the reserved pages; returns once they are there."""
+        start = time.perf_counter()
+        device = self.pool.data.device
+        if device.type == "cuda":
+            stream = _side_stream(device)
+            with torch.cuda.stream(stream):
+                self.pool.write(self.entry, self.weights.flat)
+                self._event = torch.cuda.Event()
+                self._event.record(stream)
+            self._event.synchronize()  # blocks this (copy) thread only, never the step
+        else:
+            self.pool.write(self.entry, self.weights.flat)
+        self.copy_s = time.perf_counter() - start
+        self.copied = True
+
+    def wait_on_current_stream(self) -> None:
+        if self._event is not None:
+            torch.cuda.current_stream(self.pool.data.device).wait_event(self._event)
+
+
+_SIDE_STREAMS: dict[Any, Any] = {}
+
+
+def _side_stream(device: torch.device) -> Any:
+    """One copy stream per CUDA device, shared by every load."""
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device=device)
+    return _SIDE_STREAMS[device]
 
 
 @dataclass

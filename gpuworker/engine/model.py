@@ -163,7 +163,7 @@ class LlamaRunner:
         # Slot s may attend to its own positions 0..slot_pos[s] only.
         mask = (torch.arange(max_len, device=self.device)[None, :] <= slot_pos[:, None])[:, None, None, :]
         # Flat row of (slot, kv_head, position) in a layer's cache viewed as [slots*heads*len, D]:
-        # one index_copy_ per layer writes every row's new key (cheaper than 3-D advanced indexing).
+        # one index_put_ per layer writes every row's new key (cheaper than 3-D advanced indexing).
         heads = torch.arange(self.num_kv_heads, device=self.device)
         kv_rows = ((slots[:, None] * self.num_kv_heads + heads) * self.max_seq_len + positions[:, None]).view(-1)
         step = _DecodeStep(kv_rows, slots, inverse, max_len, mask, cos[:, None], sin[:, None])
@@ -203,9 +203,10 @@ class LlamaRunner:
         q = rotate(q.view(bsz, 1, self.num_heads, self.head_dim).transpose(1, 2), step.cos, step.sin)
         k = rotate(k.view(bsz, 1, self.num_kv_heads, self.head_dim).transpose(1, 2), step.cos, step.sin)
         v = v.view(bsz, self.num_kv_heads, self.head_dim)
-        # Write each row's new key/value into its own slot at its own position.
-        self.k_cache[i].view(-1, self.head_dim).index_copy_(0, step.kv_rows, k.reshape(-1, self.head_dim))
-        self.v_cache[i].view(-1, self.head_dim).index_copy_(0, step.kv_rows, v.reshape(-1, self.head_dim))
+        # Write each row's new key/value into its own slot at its own position (index_put_: on CPU
+        # about 3x cheaper than index_copy_ at batch 32; the rows are distinct, so it is deterministic).
+        self.k_cache[i].view(-1, self.head_dim).index_put_((step.kv_rows,), k.reshape(-1, self.head_dim))
+        self.v_cache[i].view(-1, self.head_dim).index_put_((step.kv_rows,), v.reshape(-1, self.head_dim))
         if step.inverse is not None:
             q = q.index_select(0, step.inverse)  # rows -> slot order
         keys = self.k_cache[i, :bsz, :, : step.max_len]

@@ -78,6 +78,7 @@ class PoolEntry:
     numel: int
     pins: int = 0
     meta: Any = None  # what the caller needs to read the weights back (layout, rank, scaling)
+    ready: bool = True  # False while a reserved entry's weights are still being copied in
 
 
 class PagedAdapterPool:
@@ -110,13 +111,20 @@ class PagedAdapterPool:
 
     # -- residency --------------------------------------------------------------------------
     def __contains__(self, adapter_id: str) -> bool:
+        """Resident and usable (a reserved entry still being copied in is not)."""
+        entry = self._entries.get(adapter_id)
+        return entry is not None and entry.ready
+
+    def holds(self, adapter_id: str) -> bool:
+        """Has pages for ``adapter_id``, usable or still being copied in."""
         return adapter_id in self._entries
 
     def entry(self, adapter_id: str) -> PoolEntry:
         return self._entries[adapter_id]
 
     def entries(self) -> list[PoolEntry]:
-        return list(self._entries.values())
+        """The usable entries, coldest first."""
+        return [e for e in self._entries.values() if e.ready]
 
     def plan_eviction(self, pages: int) -> list[str]:
         """The coldest unpinned adapters whose pages make ``pages`` free; PoolFullError if none can."""
@@ -142,7 +150,7 @@ class PagedAdapterPool:
         Returns the new entry and the ids evicted for it. Nothing changes on PoolFullError.
         """
         if adapter_id in self._entries:
-            raise ValueError(f"adapter {adapter_id!r} is already resident")
+            raise ValueError(f"adapter {adapter_id!r} is already resident or being loaded")
         victims = self.plan_eviction(self.pages_needed(numel))
         for victim in victims:
             self.release(victim)
@@ -151,6 +159,30 @@ class PagedAdapterPool:
         entry = PoolEntry(adapter_id, pages, index, numel, meta=meta)
         self._entries[adapter_id] = entry
         return entry, victims
+
+    def reserve(self, adapter_id: str, numel: int, meta: Any = None) -> tuple[PoolEntry, list[str]]:
+        """Like ``load``, but the entry is not usable until ``commit``: its pages can be written from
+        another thread (or a side stream) while steps read the other pages. A reserved entry is
+        pinned, so no other load evicts it half-written; ``release_reserved`` gives it back."""
+        entry, victims = self.load(adapter_id, numel, meta)
+        entry.ready = False
+        entry.pins = 1
+        return entry, victims
+
+    def commit(self, adapter_id: str) -> None:
+        """A reserved entry's weights are in place: make it usable (most recently used)."""
+        entry = self._entries[adapter_id]
+        if not entry.ready:
+            entry.ready = True
+            entry.pins -= 1
+            self.touch(adapter_id)
+
+    def release_reserved(self, adapter_id: str) -> None:
+        """Give back a reserved entry whose copy failed."""
+        entry = self._entries.get(adapter_id)
+        if entry is not None and not entry.ready:
+            entry.pins = 0
+            self.release(adapter_id)
 
     def release(self, adapter_id: str) -> None:
         """Return an unpinned adapter's pages to the free list."""
@@ -162,7 +194,10 @@ class PagedAdapterPool:
 
     # -- data -------------------------------------------------------------------------------
     def write(self, entry: PoolEntry, flat: torch.Tensor) -> None:
-        """Copy a flat host vector into the entry's pages (full pages in one op, then the tail)."""
+        """Copy a flat host vector into the entry's pages (full pages in one op, then the tail).
+
+        Safe to call from another thread (or CUDA stream) than the one stepping: it writes only the
+        entry's own pages, which no step reads before the entry is committed."""
         flat = flat.to(device=self.data.device, dtype=self.dtype, non_blocking=True)
         full = entry.numel // self.page_elems
         if full:
