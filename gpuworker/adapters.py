@@ -39,10 +39,20 @@ class AdapterEvicted(RuntimeError):
 class DeviceLoad:
     """The host -> device step of one adapter, run on the engine thread (see ``AdapterManager.stage``)."""
 
-    def __init__(self, engine: LoraEngine, key: str, weights: AdapterWeights | None, fetch_s: float) -> None:
+    def __init__(
+        self,
+        engine: LoraEngine,
+        key: str,
+        weights: AdapterWeights | None,
+        fetch_s: float,
+        tier: Tier = Tier.DEVICE,
+        moves_s: dict[str, float] | None = None,
+    ) -> None:
         self.engine, self.key, self.weights = engine, key, weights
         self.fetch_s = fetch_s  # seconds spent bringing it to host memory
         self.copy_s = 0.0  # seconds of the device copy, set on the engine thread
+        self.tier = tier  # where the adapter was when staged
+        self.moves_s = dict(moves_s or {})  # "s3->disk", "disk->host", then "host->device" once copied
 
     def __call__(self) -> None:
         if self.engine.is_resident(self.key):
@@ -52,6 +62,7 @@ class DeviceLoad:
         started = time.perf_counter()
         self.engine.load_adapter(self.key, self.weights)
         self.copy_s = time.perf_counter() - started
+        self.moves_s["host->device"] = self.copy_s
 
 
 class AdapterManager:
@@ -109,10 +120,12 @@ class AdapterManager:
         self.refs[key] = ref
         if self.runner.engine.is_resident(key):
             return DeviceLoad(self.runner.engine, key, None, 0.0)
+        tier = self.tier_of(ref)
+        moves_s: dict[str, float] = {}
         started = time.perf_counter()  # a request that waits for another's fetch of it was delayed too
         async with self._locks.setdefault(key, asyncio.Lock()):
-            weights = await self._to_host(ref)
-        return DeviceLoad(self.runner.engine, key, weights, time.perf_counter() - started)
+            weights = await self._to_host(ref, moves_s)
+        return DeviceLoad(self.runner.engine, key, weights, time.perf_counter() - started, tier, moves_s)
 
     async def ensure_on_device(self, ref: AdapterRef) -> float:
         """Bring the adapter to the device pool; returns the seconds spent on missing tiers."""
@@ -120,17 +133,23 @@ class AdapterManager:
         await self.runner.call(load)
         return load.fetch_s + load.copy_s
 
-    async def _to_host(self, ref: AdapterRef) -> AdapterWeights:
+    async def _to_host(self, ref: AdapterRef, moves_s: dict[str, float] | None = None) -> AdapterWeights:
+        """The adapter's weights in host memory; ``moves_s`` gets the seconds of each move made."""
+        moves_s = {} if moves_s is None else moves_s
         key = adapter_key(ref)
         if key in self.host:
             self.host.move_to_end(key)
             return self.host[key]
         folder = self.disk_path(ref)
+        started = time.perf_counter()
         if not (folder / "adapter_config.json").is_file():
             await asyncio.to_thread(self.store.download, ref.prefix, folder, ref.sha256, ref.bucket)
+            moves_s["s3->disk"] = time.perf_counter() - started
+            started = time.perf_counter()
         weights = await asyncio.to_thread(AdapterWeights.from_peft_folder, folder, self.model_config)
         if self.pin_memory:
             weights = weights.pin_memory()
+        moves_s["disk->host"] = time.perf_counter() - started
         self.host[key] = weights
         self._trim_host()
         return weights

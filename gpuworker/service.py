@@ -30,7 +30,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 from pydantic import ValidationError
 
-from gpuworker.adapters import AdapterEvicted, AdapterManager, adapter_key
+from gpuworker.adapters import AdapterEvicted, AdapterManager, DeviceLoad, adapter_key
 from gpuworker.engine import EngineRequest, PoolFullError, StepOutput
 from gpuworker.runner import EngineFailed, EngineRunner
 from lorafaas import wire
@@ -76,6 +76,8 @@ class Running:
     msg: Msg
     started_at: datetime
     load_s: float = 0.0
+    load_tier: str = ""  # where the adapter was when this request needed it
+    load_moves_s: dict[str, float] = field(default_factory=dict)
     text: list[str] = field(default_factory=list)
     device_s: float = 0.0
     prefill_s: float = 0.0
@@ -246,7 +248,8 @@ class WorkerService:
             seed=inv.sampling.seed,
             stop=list(inv.sampling.stop),
         )
-        outputs, running.load_s = await self._admit(inv.adapter, request)
+        outputs, running.load_s, load = await self._admit(inv.adapter, request)
+        running.load_tier, running.load_moves_s = load.tier.value, load.moves_s
         if running.cancelled:  # the cancel arrived while the adapter loaded
             await self.runner.abort(inv.invocation_id)
         while True:
@@ -262,12 +265,13 @@ class WorkerService:
 
     async def _admit(
         self, ref: wire.AdapterRef, request: EngineRequest
-    ) -> tuple[asyncio.Queue[StepOutput | EngineFailed], float]:
+    ) -> tuple[asyncio.Queue[StepOutput | EngineFailed], float, DeviceLoad]:
         """Bring the request's adapter to the device and queue the request, in one engine call.
 
-        Returns the request's output queue and the seconds a cold start added: fetching the
+        Returns the request's output queue, the seconds a cold start added (fetching the
         adapter to host memory, copying it to the device, and waiting for pool pages when every
-        page is pinned by running requests (a burst of many adapters) instead of failing.
+        page is pinned by running requests, a burst of many adapters, instead of failing) and
+        the load itself (the tier the adapter came from and each move's seconds).
         """
         deadline = time.monotonic() + self.settings.pool_wait_s
         started = time.perf_counter()
@@ -276,7 +280,7 @@ class WorkerService:
             load = await self.adapters.stage(ref)
             try:
                 outputs = await self.runner.submit(request, prepare=load)
-                return outputs, waited_s + load.fetch_s + load.copy_s
+                return outputs, waited_s + load.fetch_s + load.copy_s, load
             except AdapterEvicted:
                 continue  # staged as resident, evicted since: stage it again from the host tier
             except PoolFullError:
@@ -319,6 +323,8 @@ class WorkerService:
         return wire.Timings(
             queue_wait_s=max(0.0, (running.started_at - accepted).total_seconds()),
             load_s=running.load_s,
+            load_tier=running.load_tier,
+            load_moves_s=running.load_moves_s,
             prefill_s=running.prefill_s,
             ttft_s=max(0.0, (first - accepted).total_seconds()),
             total_s=max(0.0, (finished - accepted).total_seconds()),
@@ -477,7 +483,7 @@ class WorkerService:
             max_tokens=1,
             ignore_eos=True,
         )
-        outputs, _ = await self._admit(ref, warmup)
+        outputs, _, _ = await self._admit(ref, warmup)
         finished = False
         while not finished:  # one token: the outputs of the warm-up are discarded
             out = await outputs.get()

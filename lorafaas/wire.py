@@ -127,6 +127,11 @@ class Timings(BaseModel):
     prefill_s: float = 0.0
     ttft_s: float = 0.0
     total_s: float = 0.0
+    # Where the adapter was when the request needed it ("device": warm; "host", "disk", "s3": a
+    # cold start from that tier) and the seconds of each move it took ("s3->disk", "disk->host",
+    # "host->device"); a scaled-to-zero function's next invocation shows its bounded cold start here.
+    load_tier: str = ""
+    load_moves_s: dict[str, float] = Field(default_factory=dict)
 
 
 class ResultStatus(StrEnum):

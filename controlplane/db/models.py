@@ -153,6 +153,8 @@ class Invocation(Base):
         Index("ix_invocations_function_state", "function_id", "state"),
         # Quota checks count a tenant's in-flight invocations on every accept.
         Index("ix_invocations_tenant_state", "tenant_id", "state"),
+        # The scheduler's arrival history counts invocations per function and time bucket.
+        Index("ix_invocations_accepted", "accepted_at", postgresql_include=["function_id"]),
         UniqueConstraint("tenant_id", "idempotency_key", name="uq_invocations_idempotency"),
     )
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
