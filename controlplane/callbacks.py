@@ -30,6 +30,7 @@ from controlplane.db.models import Invocation
 from controlplane.services.egress import EgressPolicy
 from controlplane.services.invocations import CALLBACK_DELIVERED, CALLBACK_FAILED, CALLBACK_PENDING, TERMINAL
 from controlplane.services.keys import callback_secret
+from lorafaas.errors import NotFound
 from lorafaas.names import CALLBACK_ID_HEADER, SIGNATURE_HEADER
 from lorafaas.settings import CallbackSettings
 from lorafaas.wire import InvocationResult
@@ -197,6 +198,8 @@ class CallbackDispatcher:
     async def _record(self, invocation_id: str, attempt: dict, state: str) -> None:
         async with self.sessions.begin() as session:
             row = await session.get(Invocation, invocation_id, with_for_update=True)
+            if row is None:  # deleted with its tenant mid-delivery; deliver() logs it and stops
+                raise NotFound(f"invocation {invocation_id} no longer exists")
             row.callback_attempts = [
                 *(row.callback_attempts or []),
                 attempt,

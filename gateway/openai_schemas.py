@@ -143,7 +143,7 @@ def to_invoke(body: CompletionRequest | ChatCompletionRequest) -> InvokeRequest:
         "mode": InvocationMode.STREAM if body.stream else InvocationMode.SYNC,
     }
     try:
-        return InvokeRequest(**fields)
+        return InvokeRequest.model_validate(fields)
     except ValidationError as e:
         err = e.errors()[0]
         param = ".".join(str(p) for p in err.get("loc", ()))

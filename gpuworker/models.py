@@ -98,7 +98,9 @@ def build_backbone(
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(dtype)
+    # transformers decorates PreTrainedModel.to with functools.wraps(nn.Module.to); typeshed's _Wrapped keeps
+    # the unbound signature, so mypy wants the model itself as the first argument.
+    model = LlamaForCausalLM(config).to(dtype)  # type: ignore[arg-type]
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     (out_dir / BACKBONE_META_FILE).write_text(json.dumps({"shape": asdict(spec), "seed": seed}, indent=2))
@@ -109,7 +111,8 @@ def load_backbone(folder: Path, device: str | torch.device = "cpu", dtype: torch
     """Load a Hugging Face causal LM folder read-only for inference, with its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
+    # See build_backbone: functools.wraps' stub types the wrapped PreTrainedModel.to as unbound.
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)  # type: ignore[arg-type]
     model.eval()
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -151,5 +154,5 @@ def make_adapter(
                 fan = param.shape[1]
                 param.copy_(torch.randn(param.shape, generator=gen) * scale / fan**0.5)
     out_dir = Path(out_dir)
-    peft_model.save_pretrained(out_dir)
+    peft_model.save_pretrained(str(out_dir))
     return out_dir

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from minio import Minio
 from minio.error import S3Error
+from minio.helpers import ProgressType
 
 from lorafaas.errors import ArtifactIntegrityError, InvalidArtifact, NotFound
 from lorafaas.names import adapter_prefix
@@ -81,7 +82,11 @@ class ArtifactStore:
             self.client.make_bucket(self.bucket)
 
     def upload_files(
-        self, files: list[Path], prefix: str | None = None, tenant_id: str | None = None, progress: object | None = None
+        self,
+        files: list[Path],
+        prefix: str | None = None,
+        tenant_id: str | None = None,
+        progress: ProgressType | None = None,
     ) -> StoredArtifact:
         """Store files under ``prefix`` (or the tenant's content-addressed adapter prefix).
 
@@ -103,7 +108,7 @@ class ArtifactStore:
         self.client.put_object(self.bucket, f"{prefix}/{MANIFEST}", io.BytesIO(manifest), len(manifest))
         return StoredArtifact(self.bucket, prefix, sha, size, hashes)
 
-    def upload_adapter(self, folder: Path, tenant_id: str, progress: object | None = None) -> StoredArtifact:
+    def upload_adapter(self, folder: Path, tenant_id: str, progress: ProgressType | None = None) -> StoredArtifact:
         return self.upload_files(adapter_files(folder), tenant_id=tenant_id, progress=progress)
 
     def upload_folder(self, folder: Path, prefix: str) -> StoredArtifact:

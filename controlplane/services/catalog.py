@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from minio.error import S3Error
+from minio.helpers import ProgressType
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -154,7 +155,7 @@ async def register_function(
     price_input_micros_per_1m: int | None = None,
     price_output_micros_per_1m: int | None = None,
     max_tokens: int | None = None,
-    progress: object | None = None,
+    progress: ProgressType | None = None,
 ) -> ServedFunction:
     """Create a function, or add a new adapter version to an existing one and serve it.
 
@@ -175,9 +176,8 @@ async def register_function(
     # Identical content of this tenant is already stored (another version): reuse it, never delete it.
     prefix = adapter_prefix(tenant_id, await asyncio.to_thread(adapter_digest, adapter_folder))
     reused = (
-        await session.scalar(select(func.count()).select_from(AdapterArtifact).where(AdapterArtifact.prefix == prefix))
-        > 0
-    )
+        await session.execute(select(func.count()).select_from(AdapterArtifact).where(AdapterArtifact.prefix == prefix))
+    ).scalar_one() > 0
     stored = await asyncio.to_thread(store.upload_adapter, adapter_folder, tenant_id, progress)
     try:
         if function is None:
@@ -267,6 +267,7 @@ async def rollback(session: AsyncSession, tenant_id: str, name: str, version: in
     """Serve an older stored version (default: the one before the current one)."""
     function, versions = await list_versions(session, tenant_id, name)
     current = next((a for a in versions if a.id == function.artifact_id), None)
+    target: AdapterArtifact | None
     if version is None:
         older = [a for a in versions if current is not None and a.version < current.version]
         if not older:

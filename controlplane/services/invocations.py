@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any, cast
 
-from sqlalchemy import JSON, bindparam, func, insert, select, true, tuple_, update
+from sqlalchemy import JSON, CursorResult, Table, bindparam, func, insert, select, true, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from controlplane.db.models import IN_FLIGHT, Invocation, InvocationState, new_id
@@ -18,6 +19,8 @@ from lorafaas.errors import Conflict, InvalidInput, NotFound
 from lorafaas.wire import InvocationMode, InvocationResult, SamplingParams, Started
 
 TERMINAL = [InvocationState.SUCCEEDED, InvocationState.FAILED, InvocationState.CANCELLED]
+# DeclarativeBase types __table__ as a FromClause; a class mapped from declared columns always has a Table.
+_INVOCATIONS = cast(Table, Invocation.__table__)
 # States of a callback delivery (``invocations.callback_state``): pending -> delivered | failed.
 CALLBACK_PENDING, CALLBACK_DELIVERED, CALLBACK_FAILED = "pending", "delivered", "failed"
 
@@ -97,7 +100,7 @@ async def accept(
     the same count; it is a soft limit.
     """
     fn = served.function
-    params = {
+    params: dict[str, object] = {
         "id": new_id(),
         "tenant_id": fn.tenant_id,
         "function_id": fn.id,
@@ -160,10 +163,14 @@ async def request_cancel(session: AsyncSession, tenant_id: str, invocation_id: s
 
 
 async def apply_started(session: AsyncSession, event: Started) -> bool:
-    result = await session.execute(
-        update(Invocation)
-        .where(Invocation.id == event.invocation_id, Invocation.state == InvocationState.QUEUED)
-        .values(state=InvocationState.RUNNING, started_at=event.started_at, worker_id=event.worker_id)
+    # An UPDATE's result is a CursorResult (it has rowcount); the session stub only promises a Result.
+    result = cast(
+        CursorResult[Any],
+        await session.execute(
+            update(Invocation)
+            .where(Invocation.id == event.invocation_id, Invocation.state == InvocationState.QUEUED)
+            .values(state=InvocationState.RUNNING, started_at=event.started_at, worker_id=event.worker_id)
+        ),
     )
     return result.rowcount == 1
 
@@ -176,7 +183,7 @@ class Settled:
 
 
 _SETTLE = (
-    Invocation.__table__.update()
+    update(_INVOCATIONS)
     .where(Invocation.id == bindparam("r_invocation_id"), Invocation.state.not_in(TERMINAL))
     .values(
         state=bindparam("r_state"),

@@ -9,8 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
-from sqlalchemy import BigInteger, Integer, String, bindparam, func, select
+from sqlalchemy import BigInteger, Integer, SQLColumnExpression, String, bindparam, func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -232,14 +233,14 @@ async def usage_by_bucket(
     # without its per-row time-zone lookup, which was a third of the query over a month of records.
     utc = func.timezone("UTC", UsageRecord.recorded_at)
     trunc = func.date_trunc("hour" if width == "1h" else "day", utc).label("bucket")
-    cols = [
+    cols: list[SQLColumnExpression[Any]] = [
         trunc,
         func.count(UsageRecord.id),
         func.sum(UsageRecord.input_tokens),
         func.sum(UsageRecord.output_tokens),
         func.sum(UsageRecord.amount_picousd),
     ]
-    group = [trunc]
+    group: list[SQLColumnExpression[Any]] = [trunc]
     if by_function:
         cols[1:1] = [UsageRecord.function_id, Function.name]
         group += [UsageRecord.function_id, Function.name]
@@ -334,10 +335,11 @@ async def margin_report(
     )
     if tenant_id is not None:
         query = query.where(UsageRecord.tenant_id == tenant_id)
-    raw = [tuple(int(v) if i >= 4 else v for i, v in enumerate(row)) for row in await session.execute(query)]
     by_function = [
-        MarginLine(t, tn, f, fn, n, i, o, r, d, device_cost_picousd(d, price_micros_per_hour))
-        for t, tn, f, fn, n, i, o, r, d in raw
+        MarginLine(
+            t, tn, f, fn, int(n), int(i), int(o), int(r), int(d), device_cost_picousd(int(d), price_micros_per_hour)
+        )
+        for t, tn, f, fn, n, i, o, r, d in await session.execute(query)
     ]
     by_tenant = []
     for tid in dict.fromkeys(line.tenant_id for line in by_function):

@@ -74,22 +74,25 @@ async def enforce(
         return
     now = now or datetime.now(UTC)
     if quota.monthly_spend_cap_picousd is not None:
-        await _check_spend(session, quota, now)
+        await _check_spend(session, quota.tenant_id, quota.monthly_spend_cap_picousd, now)
     if quota.max_concurrency is not None:
         await session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": f"quota:{quota.tenant_id}"})
-        await _check_concurrency(session, quota, now - timedelta(seconds=in_flight_horizon_s))
-    if quota.tokens_per_minute is not None:
-        await _check_tokens(session, quota, requested_tokens, now)
-
-
-async def _check_spend(session: AsyncSession, quota: TenantQuota, now: datetime) -> None:
-    start, end = month_range(now.year, now.month)
-    spent = await session.scalar(
-        select(func.coalesce(func.sum(UsageRecord.amount_picousd), 0)).where(
-            UsageRecord.tenant_id == quota.tenant_id, UsageRecord.recorded_at >= start, UsageRecord.recorded_at < end
+        await _check_concurrency(
+            session, quota.tenant_id, quota.max_concurrency, now - timedelta(seconds=in_flight_horizon_s)
         )
-    )
-    cap = quota.monthly_spend_cap_picousd
+    if quota.tokens_per_minute is not None:
+        await _check_tokens(session, quota.tenant_id, quota.tokens_per_minute, requested_tokens, now)
+
+
+async def _check_spend(session: AsyncSession | AsyncConnection, tenant_id: str, cap: int, now: datetime) -> None:
+    start, end = month_range(now.year, now.month)
+    spent = (
+        await session.execute(
+            select(func.coalesce(func.sum(UsageRecord.amount_picousd), 0)).where(
+                UsageRecord.tenant_id == tenant_id, UsageRecord.recorded_at >= start, UsageRecord.recorded_at < end
+            )
+        )
+    ).scalar_one()
     if int(spent) >= cap:
         raise PaymentRequired(
             f"monthly spend cap of ${picousd_to_usd(cap)} reached "
@@ -100,24 +103,28 @@ async def _check_spend(session: AsyncSession, quota: TenantQuota, now: datetime)
         )
 
 
-async def _check_concurrency(session: AsyncSession, quota: TenantQuota, since: datetime) -> None:
+async def _check_concurrency(
+    session: AsyncSession | AsyncConnection, tenant_id: str, limit: int, since: datetime
+) -> None:
     # Invocations stuck past the horizon (a lost worker) stop counting, so a tenant is never locked out for good.
-    running = await session.scalar(
-        select(func.count())
-        .select_from(Invocation)
-        .where(
-            Invocation.tenant_id == quota.tenant_id, Invocation.state.in_(IN_FLIGHT), Invocation.accepted_at >= since
+    running = (
+        await session.execute(
+            select(func.count())
+            .select_from(Invocation)
+            .where(Invocation.tenant_id == tenant_id, Invocation.state.in_(IN_FLIGHT), Invocation.accepted_at >= since)
         )
-    )
-    if running >= quota.max_concurrency:
+    ).scalar_one()
+    if running >= limit:
         raise QuotaExceeded(
-            f"{running} invocations are in flight; this tenant's limit is {quota.max_concurrency} at a time",
+            f"{running} invocations are in flight; this tenant's limit is {limit} at a time",
             retry_after_s=1.0,
             limit="concurrency",
         )
 
 
-async def _check_tokens(session: AsyncSession, quota: TenantQuota, requested: int, now: datetime) -> None:
+async def _check_tokens(
+    session: AsyncSession | AsyncConnection, tenant_id: str, limit: int, requested: int, now: datetime
+) -> None:
     """Tokens of the last minute: finished invocations' usage plus what in-flight ones may still generate."""
     since = now - WINDOW
     used, oldest_used = (
@@ -125,21 +132,20 @@ async def _check_tokens(session: AsyncSession, quota: TenantQuota, requested: in
             select(
                 func.coalesce(func.sum(UsageRecord.input_tokens + UsageRecord.output_tokens), 0),
                 func.min(UsageRecord.recorded_at),
-            ).where(UsageRecord.tenant_id == quota.tenant_id, UsageRecord.recorded_at >= since)
+            ).where(UsageRecord.tenant_id == tenant_id, UsageRecord.recorded_at >= since)
         )
     ).one()
     reserved_expr = Invocation.request["sampling"]["max_tokens"].as_integer()
     reserved, oldest_reserved = (
         await session.execute(
             select(func.coalesce(func.sum(reserved_expr), 0), func.min(Invocation.accepted_at)).where(
-                Invocation.tenant_id == quota.tenant_id,
+                Invocation.tenant_id == tenant_id,
                 Invocation.state.in_(IN_FLIGHT),
                 Invocation.accepted_at >= since,
             )
         )
     ).one()
     total = int(used) + int(reserved)
-    limit = quota.tokens_per_minute
     if total + requested > limit:
         oldest = min((t for t in (oldest_used, oldest_reserved) if t is not None), default=now)
         retry = max(1.0, (oldest + WINDOW - now).total_seconds())
