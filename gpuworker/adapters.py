@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from enum import StrEnum
 from pathlib import Path
 
@@ -39,10 +40,18 @@ class AdapterEvicted(RuntimeError):
 class DeviceLoad:
     """The host -> device step of one adapter, run on the engine thread (see ``AdapterManager.stage``)."""
 
-    def __init__(self, engine: LoraEngine, key: str, weights: AdapterWeights | None, fetch_s: float) -> None:
+    def __init__(
+        self,
+        engine: LoraEngine,
+        key: str,
+        weights: AdapterWeights | None,
+        fetch_s: float,
+        on_load: Callable[[], None] | None = None,
+    ) -> None:
         self.engine, self.key, self.weights = engine, key, weights
         self.fetch_s = fetch_s  # seconds spent bringing it to host memory
         self.copy_s = 0.0  # seconds of the device copy, set on the engine thread
+        self.on_load = on_load
 
     def __call__(self) -> None:
         if self.engine.is_resident(self.key):
@@ -52,6 +61,8 @@ class DeviceLoad:
         started = time.perf_counter()
         self.engine.load_adapter(self.key, self.weights)
         self.copy_s = time.perf_counter() - started
+        if self.on_load is not None:
+            self.on_load()
 
 
 class AdapterManager:
@@ -72,6 +83,9 @@ class AdapterManager:
         self.pin_memory = pin_memory
         self.refs: dict[str, AdapterRef] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        # Asked before S3 for an adapter missing from disk (gpuworker.peer); False: use S3.
+        self.peer_fetch: Callable[[AdapterRef, Path], Awaitable[bool]] | None = None
+        self.device_loads = 0  # host -> device copies, for the scheduler's reports
 
     # --- where things are ------------------------------------------------------------
     def disk_path(self, ref: AdapterRef) -> Path:
@@ -89,9 +103,21 @@ class AdapterManager:
 
     def residency(self) -> list[AdapterResidency]:
         return [
-            AdapterResidency(function_id=r.function_id, rank=r.rank, tier=self.tier_of(r).value)
-            for r in self.refs.values()
+            AdapterResidency(
+                function_id=r.function_id,
+                rank=r.rank,
+                tier=self.tier_of(r).value,
+                bytes=self.host[k].nbytes if k in self.host else 0,
+            )
+            for k, r in list(self.refs.items())
         ]
+
+    def holdings(self) -> dict[str, tuple[AdapterRef, Path]]:
+        """The adapters in host memory, with their disk folders (what a peer may fetch from here)."""
+        return {k: (self.refs[k], self.disk_path(self.refs[k])) for k in list(self.host) if k in self.refs}
+
+    def _count_load(self) -> None:
+        self.device_loads += 1
 
     def host_bytes(self) -> int:
         return sum(w.nbytes for w in self.host.values())
@@ -111,7 +137,7 @@ class AdapterManager:
         started = time.perf_counter()  # a request that waits for another's fetch of it was delayed too
         async with self._locks.setdefault(key, asyncio.Lock()):
             weights = await self._to_host(ref)
-        return DeviceLoad(self.runner.engine, key, weights, time.perf_counter() - started)
+        return DeviceLoad(self.runner.engine, key, weights, time.perf_counter() - started, self._count_load)
 
     async def ensure_on_device(self, ref: AdapterRef) -> float:
         """Bring the adapter to the device pool; returns the seconds spent on missing tiers."""
@@ -126,7 +152,8 @@ class AdapterManager:
             return self.host[key]
         folder = self.disk_path(ref)
         if not (folder / "adapter_config.json").is_file():
-            await asyncio.to_thread(self.store.download, ref.prefix, folder, ref.sha256, ref.bucket)
+            if self.peer_fetch is None or not await self.peer_fetch(ref, folder):
+                await asyncio.to_thread(self.store.download, ref.prefix, folder, ref.sha256, ref.bucket)
         weights = await asyncio.to_thread(AdapterWeights.from_peft_folder, folder, self.model_config)
         if self.pin_memory:
             weights = weights.pin_memory()

@@ -19,19 +19,19 @@ from datetime import UTC, datetime
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 from pydantic import ValidationError
 
 from gpuworker.adapters import AdapterEvicted, AdapterManager, adapter_key
 from gpuworker.engine import EngineRequest, PoolFullError, StepOutput
+from gpuworker.peer import PeerFetcher, PeerServer
 from gpuworker.runner import EngineRunner
+from gpuworker.subscriptions import Intake, Lifecycle
 from lorafaas import wire
 from lorafaas.errors import ArtifactIntegrityError, InvalidArtifact, InvalidInput, LorafaasError, NotFound
 from lorafaas.names import MSG_ID_HEADER, Names
 from lorafaas.settings import NatsSettings, WorkerSettings
-from lorafaas.streams import pull_invocations
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,15 @@ class WorkerService:
             device,
         )
         self.inflight: dict[str, Running] = {}
-        self.draining = asyncio.Event()
+        self.lifecycle = Lifecycle()
+        self.draining = self.lifecycle.draining
+        self.intake = Intake(
+            js, names, nats_settings, settings, self.lifecycle, lambda: len(self.inflight), self._on_pulled
+        )
+        self.peers = PeerServer(nc, names, settings.worker_id, adapters.holdings)
+        self.peer_fetcher = PeerFetcher(nc, names, settings.peer_fetch_timeout_s)
+        if settings.peer_fetch:
+            adapters.peer_fetch = self.peer_fetcher.fetch
         self.started_at = datetime.now(UTC)
         self._tasks: set[asyncio.Task] = set()
 
@@ -93,9 +101,10 @@ class WorkerService:
         background = [
             asyncio.create_task(self._report_loop(), name="reports"),
             asyncio.create_task(self._heartbeat_loop(), name="heartbeats"),
+            asyncio.create_task(self.peers.run(), name="peer-server"),
         ]
         try:
-            await self._pull_loop()
+            await self.intake.run()
             while self.inflight:  # drain: let running invocations finish
                 await asyncio.sleep(0.05)
         finally:
@@ -106,25 +115,10 @@ class WorkerService:
             await asyncio.gather(*background, return_exceptions=True)
 
     def drain(self) -> None:
-        self.draining.set()
+        self.lifecycle.drain()
 
-    async def _pull_loop(self) -> None:
-        sub = await pull_invocations(self.js, self.names, self.settings.backbone, self.nats_settings)
-        try:
-            while not self.draining.is_set():
-                room = 2 * self.settings.max_batch - len(self.inflight)
-                if room <= 0:
-                    await asyncio.sleep(0.01)
-                    continue
-                try:
-                    msgs = await sub.fetch(batch=room, timeout=0.25)
-                except (TimeoutError, NatsTimeout):  # nats-py raises either
-                    continue
-                for msg in msgs:
-                    self._spawn(self.handle(msg))
-        finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+    def _on_pulled(self, msg: Msg) -> None:
+        self._spawn(self.handle(msg))
 
     def _spawn(self, coro) -> None:
         task = asyncio.create_task(coro)
@@ -379,7 +373,11 @@ class WorkerService:
 
     async def execute_command(self, command: wire.WorkerCommand) -> None:
         if command.command == wire.CommandKind.DRAIN:
-            self.drain()
+            self.drain()  # the reply waits until nothing more is pulled: the rest of the queue can move
+            await self.lifecycle.stopped_pulling.wait()
+            return
+        if command.command == wire.CommandKind.ACTIVATE:
+            self.lifecycle.activate()
             return
         if command.adapter is None:
             raise InvalidInput(f"command {command.command} needs an adapter")
@@ -407,9 +405,11 @@ class WorkerService:
     def contention_report(self) -> wire.ContentionReport:
         pool = self.runner.engine.pool_stats()
         depth: dict[str, int] = {}
-        for running in self.inflight.values():
-            fid = running.invocation.adapter.function_id
+        rank_mix: dict[int, int] = {}
+        for running in list(self.inflight.values()):
+            fid, rank = running.invocation.adapter.function_id, running.invocation.adapter.rank
             depth[fid] = depth.get(fid, 0) + 1
+            rank_mix[rank] = rank_mix.get(rank, 0) + 1
         stats = self.runner.stats
         return wire.ContentionReport(
             worker_id=self.settings.worker_id,
@@ -424,6 +424,10 @@ class WorkerService:
             step_latency_p50_s=stats.percentile(0.5),
             step_latency_p95_s=stats.percentile(0.95),
             host_cache_bytes=self.adapters.host_bytes(),
+            state=self.lifecycle.state,
+            rank_mix=rank_mix,
+            adapter_loads=self.adapters.device_loads,
+            peer_fetches=self.peer_fetcher.stats.fetches,
         )
 
     async def _report_loop(self) -> None:
@@ -446,6 +450,6 @@ class WorkerService:
             with contextlib.suppress(Exception):
                 await self.nc.publish(
                     self.names.heartbeat_subject,
-                    beat.model_copy(update={"sent_at": datetime.now(UTC)}).encode(),
+                    beat.model_copy(update={"sent_at": datetime.now(UTC), "state": self.lifecycle.state}).encode(),
                 )
             await asyncio.sleep(self.settings.heartbeat_interval_s)

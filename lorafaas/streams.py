@@ -5,8 +5,17 @@ from __future__ import annotations
 import contextlib
 
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import NotFoundError
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
 
 from lorafaas.names import Names
 from lorafaas.settings import NatsSettings
@@ -66,6 +75,8 @@ async def delete_streams(js: JetStreamContext, names: Names) -> None:
     for config in stream_configs(names):
         with contextlib.suppress(NotFoundError):
             await js.delete_stream(config.name)
+    with contextlib.suppress(NotFoundError, BucketNotFoundError):
+        await js.delete_key_value(names.placement_bucket)
 
 
 def worker_consumer_config(names: Names, backbone: str, nats: NatsSettings) -> ConsumerConfig:
@@ -98,3 +109,32 @@ def controlplane_consumer_config(names: Names, nats: NatsSettings) -> ConsumerCo
         max_deliver=-1,  # the ledger must see every event eventually
         deliver_policy=DeliverPolicy.ALL,
     )
+
+
+def worker_own_consumer_config(names: Names, backbone: str, worker_id: str, nats: NatsSettings) -> ConsumerConfig:
+    """One worker's own queue (routed invocations), beside the backbone's shared consumer."""
+    return ConsumerConfig(
+        durable_name=names.worker_own_consumer(worker_id),
+        filter_subject=names.invoke_worker_subject(backbone, worker_id),
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=nats.ack_wait_s,
+        max_deliver=nats.max_deliver,
+        deliver_policy=DeliverPolicy.ALL,
+    )
+
+
+async def pull_own_invocations(
+    js: JetStreamContext, names: Names, backbone: str, worker_id: str, nats: NatsSettings
+) -> JetStreamContext.PullSubscription:
+    config = worker_own_consumer_config(names, backbone, worker_id, nats)
+    return await js.pull_subscribe(
+        config.filter_subject, durable=config.durable_name, stream=names.invocations_stream, config=config
+    )
+
+
+async def placement_bucket(js: JetStreamContext, names: Names) -> KeyValue:
+    """The placement table's bucket (created if missing): one key per backbone, last value only."""
+    try:
+        return await js.key_value(names.placement_bucket)
+    except BucketNotFoundError:
+        return await js.create_key_value(KeyValueConfig(bucket=names.placement_bucket, history=1))
