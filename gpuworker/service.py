@@ -425,6 +425,7 @@ class WorkerService:
             step_latency_p95_s=stats.percentile(0.95),
             host_cache_bytes=self.adapters.host_bytes(),
             state=self.lifecycle.state,
+            pool_page_bytes=pool.page_bytes,
             rank_mix=rank_mix,
             adapter_loads=self.adapters.device_loads,
             peer_fetches=self.peer_fetcher.stats.fetches,

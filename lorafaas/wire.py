@@ -188,6 +188,7 @@ class ContentionReport(WireMessage):
     # Scheduler inputs (issue 14): lifecycle state, ranks of the requests on the worker, and
     # cumulative counters of device loads and of adapters fetched from a peer instead of S3.
     state: Literal["joining", "active", "draining"] = "active"
+    pool_page_bytes: int = 0
     rank_mix: dict[int, int] = Field(default_factory=dict)
     adapter_loads: int = 0
     peer_fetches: int = 0
