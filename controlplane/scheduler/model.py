@@ -105,3 +105,37 @@ class Plan:
     commands: tuple[Command, ...] = ()
     moves: int = 0  # replicas added + removed against the previous placement
     shed: frozenset[str] = frozenset()  # backbones where every worker is saturated: answer 429
+    forced_moves: int = 0  # of ``moves``, those not bounded by the budget (dead/draining workers, new functions)
+    worker_load: dict[str, float] = field(default_factory=dict)  # expected cost units/s per worker after the plan
+
+
+@dataclass(frozen=True)
+class PlacementConfig:
+    """The knobs of the placement and contention policies (``placement.plan``).
+
+    Load is in *cost units per second*: tokens/s weighted by the rank's relative cost per token
+    (``1 + rank_token_cost * rank``), the interference model fitted in
+    ``benchmarks/rank_interference.py`` (numbers in docs/engine.md).
+    """
+
+    worker_capacity: float = 2000.0  # cost units/s one worker sustains at the SLO
+    target_utilisation: float = 0.7  # plan loads up to this share of capacity
+    rank_token_cost: float = 0.002  # extra per-token cost per unit of rank, relative to the backbone's
+    rank_classes: tuple[int, ...] = (16, 64)  # class boundaries: ranks <= 16, <= 64, above
+    rank_mix_penalty: float = 0.25  # score penalty per unit share of a worker's load in other rank classes
+    replica_load: float = 0.5  # a function gets another replica per this share of one worker's target load
+    max_replicas: int = 8
+    pool_fill: float = 0.8  # placed adapters use at most this share of a worker's pool pages (rest: spill loads)
+    max_moves: int = 8  # optional replica adds/removes per round (hysteresis: no flapping)
+    imbalance: float = 0.25  # rebalance only when a worker's load exceeds the mean by this share
+    remove_below: float = 0.5  # drop a replica only when demand fits in (replicas - 1) with this margin
+    contended_queue: int = 8  # a worker with more queued invocations than this is contended
+    saturated_queue: int = 32  # every live worker above this -> shed the backbone (429)
+
+
+@dataclass(frozen=True)
+class RouteChoice:
+    """Where the gateway sends one invocation."""
+
+    worker_id: str
+    spilled: bool  # True when no holder was used (all over threshold, or none live)

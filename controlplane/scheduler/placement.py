@@ -1,0 +1,378 @@
+"""Rank-aware, contention-aware placement (LoRAServe's placement, ServerlessLoRA's contention decisions).
+
+``plan`` is a pure function of (cluster view, demand, catalog, previous placement, config, seed):
+no I/O, no clock, no global state; the seed only breaks ties. One round:
+
+1. keep every replica of the previous placement that is still on a live worker (active or
+   joining) with room in its pool; replicas on dead, draining or vanished workers are dropped;
+2. *forced*: place one replica of every function that has none left (new functions, functions
+   of a dead or draining worker) on the best worker; these moves are not budgeted, since a
+   function without a replica would only be served by spill-over;
+3. *optional*, at most ``config.max_moves`` replica adds + removes per round (hysteresis):
+   drop a replica of a function gone cold, add replicas to hot functions (demand, or every
+   holder contended), then move replicas off workers loaded above the mean by ``imbalance``;
+4. contention commands: offload adapters that sit on the device of a contended worker without
+   being placed there or wanted by its queue; shed a backbone whose every worker is saturated.
+
+"Best worker" minimises expected utilisation after the move plus a penalty for the share of
+the worker's load in other rank classes, so ranks that slow each other are kept apart and a
+worker's batches stay rank-homogeneous. Load is tokens/s weighted by the per-token cost of the
+rank, the model measured in ``benchmarks/rank_interference.py`` (docs/engine.md).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import zlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from .model import (
+    AdapterSpec,
+    ClusterView,
+    Command,
+    CommandKind,
+    Demand,
+    Placement,
+    PlacementConfig,
+    Plan,
+    Tier,
+    WorkerState,
+)
+
+PLACEABLE = frozenset({WorkerState.ACTIVE, WorkerState.JOINING})
+
+
+def rank_factor(rank: int, config: PlacementConfig) -> float:
+    """Relative cost of one token of a request of this rank (1.0 = the backbone alone)."""
+    return 1.0 + config.rank_token_cost * rank
+
+
+def rank_class(rank: int, config: PlacementConfig) -> int:
+    """Index of the rank class: 0 for ranks <= the first boundary, and so on."""
+    return sum(1 for bound in config.rank_classes if rank > bound)
+
+
+def function_cost(spec: AdapterSpec, demand: Demand | None, config: PlacementConfig) -> float:
+    """Expected cost units/s of one function: its tokens/s weighted by its rank's cost."""
+    return (demand.tokens_per_s if demand else 0.0) * rank_factor(spec.rank, config)
+
+
+def replica_share(config: PlacementConfig) -> float:
+    """Cost units/s one replica should carry before the function gets another."""
+    return config.replica_load * config.worker_capacity * config.target_utilisation
+
+
+def desired_replicas(cost: float, workers: int, config: PlacementConfig) -> int:
+    """How many replicas a function of this cost wants (at least 1, at most the live workers)."""
+    want = math.ceil(cost / replica_share(config)) if cost > 0 else 1
+    return max(1, min(want, config.max_replicas, max(workers, 1)))
+
+
+def _tiebreak(seed: int, key: str) -> int:
+    """A stable per-seed order (Python's str hash is salted per process, so it is not used)."""
+    return zlib.crc32(f"{seed}:{key}".encode())
+
+
+@dataclass
+class _Board:
+    """The mutable working state of one backbone's round (private to ``plan``)."""
+
+    config: PlacementConfig
+    specs: dict[str, AdapterSpec]
+    costs: dict[str, float]
+    cap_pages: dict[str, int]
+    seed: int
+    holders: dict[str, list[str]] = field(default_factory=dict)
+    load: dict[str, float] = field(default_factory=dict)
+    class_load: dict[str, dict[int, float]] = field(default_factory=dict)
+    pages: dict[str, int] = field(default_factory=dict)
+    added: list[tuple[str, str]] = field(default_factory=list)
+    removed: list[tuple[str, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for w in self.cap_pages:
+            self.load[w] = 0.0
+            self.pages[w] = 0
+            self.class_load[w] = {}
+
+    def share(self, fn: str, replicas: int | None = None) -> float:
+        n = replicas if replicas is not None else max(len(self.holders.get(fn, ())), 1)
+        return self.costs[fn] / n
+
+    def _account(self, fn: str, sign: float) -> None:
+        """Add (sign=1) or take away (sign=-1) fn's load shares on its current holders."""
+        hs = self.holders.get(fn, [])
+        if not hs:
+            return
+        share = self.costs[fn] / len(hs)
+        cls = rank_class(self.specs[fn].rank, self.config)
+        for w in hs:
+            self.load[w] += sign * share
+            self.class_load[w][cls] = self.class_load[w].get(cls, 0.0) + sign * share
+
+    def fits(self, fn: str, w: str) -> bool:
+        return self.pages[w] + self.specs[fn].pages <= self.cap_pages[w]
+
+    def add(self, fn: str, w: str) -> None:
+        self._account(fn, -1)
+        self.holders.setdefault(fn, []).append(w)
+        self.pages[w] += self.specs[fn].pages
+        self._account(fn, +1)
+
+    def remove(self, fn: str, w: str) -> None:
+        self._account(fn, -1)
+        self.holders[fn].remove(w)
+        self.pages[w] -= self.specs[fn].pages
+        self._account(fn, +1)
+
+    def score(self, fn: str, w: str) -> tuple[float, int]:
+        """Lower is better: utilisation after taking a share, rank-mix penalty, spread of pages."""
+        cfg = self.config
+        share = self.share(fn, len(self.holders.get(fn, ())) + 1)
+        target = cfg.worker_capacity * cfg.target_utilisation
+        util = (self.load[w] + share) / target
+        cls = rank_class(self.specs[fn].rank, cfg)
+        total = sum(self.class_load[w].values())
+        other = (total - self.class_load[w].get(cls, 0.0)) / total if total > 1e-12 else 0.0
+        pages = self.pages[w] / self.cap_pages[w] if self.cap_pages[w] else 1.0
+        return (util + cfg.rank_mix_penalty * other + 0.05 * pages, _tiebreak(self.seed, f"{fn}@{w}"))
+
+    def best_worker(self, fn: str, exclude: Iterable[str] = ()) -> str | None:
+        skip = set(self.holders.get(fn, ())) | set(exclude)
+        candidates = [w for w in self.cap_pages if w not in skip and self.fits(fn, w)]
+        return min(candidates, key=lambda w: self.score(fn, w)) if candidates else None
+
+
+def plan(
+    view: ClusterView,
+    demand: Mapping[str, Demand],
+    catalog: Mapping[str, AdapterSpec],
+    previous: Placement,
+    config: PlacementConfig,
+    seed: int,
+) -> Plan:
+    """One planning round of rank-aware placement and contention decisions (see the module doc)."""
+    replicas: dict[str, tuple[str, ...]] = {}
+    commands: list[Command] = []
+    moves = forced = 0
+    shed: set[str] = set()
+    loads: dict[str, float] = {}
+    for backbone in sorted({s.backbone for s in catalog.values()}):
+        board, dropped, placed = _plan_backbone(view, demand, catalog, previous, config, seed, backbone)
+        for fn, hs in board.holders.items():
+            if hs:
+                replicas[fn] = tuple(hs)
+        commands += [Command(w, CommandKind.PREFETCH, fn, "placed") for fn, w in board.added]
+        commands += [Command(w, CommandKind.OFFLOAD, fn, "replica removed") for fn, w in board.removed]
+        commands += _contention_offloads(view, board, backbone, config)
+        moves += len(board.added) + len(board.removed) + dropped
+        forced += dropped + placed
+        loads.update(board.load)
+        if _saturated(view, backbone, config):
+            shed.add(backbone)
+    changed = replicas != previous.replicas
+    states = {w: v.state for w, v in view.workers.items()}
+    placement = Placement(previous.version + (1 if changed else 0), replicas, states)
+    return Plan(placement, tuple(commands), moves, frozenset(shed), forced, loads)
+
+
+def _live_workers(view: ClusterView, backbone: str) -> dict[str, int]:
+    """Placeable workers of the backbone -> the pool pages placement may use on each."""
+    return {
+        w: v.pool_pages_total
+        for w, v in sorted(view.workers.items())
+        if v.backbone == backbone and v.state in PLACEABLE
+    }
+
+
+def _plan_backbone(
+    view: ClusterView,
+    demand: Mapping[str, Demand],
+    catalog: Mapping[str, AdapterSpec],
+    previous: Placement,
+    config: PlacementConfig,
+    seed: int,
+    backbone: str,
+) -> tuple[_Board, int, int]:
+    """The round for one backbone: the board, replicas dropped (forced) and placed (forced)."""
+    live = {w: int(p * config.pool_fill) for w, p in _live_workers(view, backbone).items()}
+    specs = {fn: s for fn, s in sorted(catalog.items()) if s.backbone == backbone}
+    costs = {fn: function_cost(s, demand.get(fn), config) for fn, s in specs.items()}
+    board = _Board(config, specs, costs, live, seed)
+    order = sorted(specs, key=lambda fn: (-costs[fn], _tiebreak(seed, fn)))
+    dropped = _keep_previous(board, previous, order)
+    placed = _place_unplaced(board, order)
+    budget = [config.max_moves]
+    _drop_cold(board, order, budget)
+    _add_hot(board, view, order, budget)
+    _rebalance(board, budget)
+    return board, dropped, placed
+
+
+def _keep_previous(board: _Board, previous: Placement, order: list[str]) -> int:
+    """Keep live replicas; count the dropped ones (dead/draining/gone workers) as forced removals."""
+    dropped = 0
+    for fn in order:
+        for w in previous.replicas.get(fn, ()):
+            if w in board.cap_pages and w not in board.holders.get(fn, ()) and board.fits(fn, w):
+                board.add(fn, w)
+            else:
+                dropped += 1
+    return dropped
+
+
+def _place_unplaced(board: _Board, order: list[str]) -> int:
+    placed = 0
+    for fn in order:
+        if board.holders.get(fn):
+            continue
+        w = board.best_worker(fn)
+        if w is not None:
+            board.add(fn, w)
+            board.added.append((fn, w))
+            placed += 1
+    return placed
+
+
+def _drop_cold(board: _Board, order: list[str], budget: list[int]) -> None:
+    """One replica less for a function whose load would stay well under a replica's share without it."""
+    limit = replica_share(board.config) * board.config.remove_below
+    for fn in reversed(order):  # coldest first
+        hs = board.holders.get(fn, [])
+        if budget[0] <= 0:
+            return
+        if len(hs) > 1 and board.costs[fn] / (len(hs) - 1) < limit:
+            w = max(hs, key=lambda h: (board.load[h], h))
+            board.remove(fn, w)
+            board.removed.append((fn, w))
+            budget[0] -= 1
+
+
+def _add_hot(board: _Board, view: ClusterView, order: list[str], budget: list[int]) -> None:
+    """Replicas for functions whose demand outgrew their replicas, or whose every holder is contended."""
+    cfg = board.config
+    for fn in order:  # hottest first
+        if budget[0] <= 0:
+            return
+        hs = board.holders.get(fn, [])
+        if not hs:
+            continue
+        want = desired_replicas(board.costs[fn], len(board.cap_pages), cfg)
+        if all(view.workers[w].queue_depth.get(fn, 0) > cfg.contended_queue for w in hs):
+            want = max(want, min(len(hs) + 1, cfg.max_replicas, len(board.cap_pages)))
+        while len(hs) < want and budget[0] > 0:
+            w = board.best_worker(fn)
+            if w is None:
+                break
+            board.add(fn, w)
+            board.added.append((fn, w))
+            budget[0] -= 1
+
+
+def _rebalance(board: _Board, budget: list[int]) -> None:
+    """Move replicas off workers loaded above the mean by ``imbalance`` (one move = add + remove)."""
+    cfg = board.config
+    workers = list(board.cap_pages)
+    if len(workers) < 2:
+        return
+    while budget[0] >= 2:
+        mean = sum(board.load.values()) / len(workers)
+        hot = max(workers, key=lambda w: (board.load[w], w))
+        if mean <= 1e-9 or board.load[hot] <= mean * (1 + cfg.imbalance):
+            return
+        move = _best_move(board, hot)
+        if move is None:
+            return
+        fn, dest = move
+        board.remove(fn, hot)
+        board.add(fn, dest)
+        board.removed.append((fn, hot))
+        board.added.append((fn, dest))
+        budget[0] -= 2
+
+
+def _best_move(board: _Board, hot: str) -> tuple[str, str] | None:
+    """The (function, destination) that lowers the hotter of the two workers the most."""
+    best: tuple[float, int, str, str] | None = None
+    for fn, hs in board.holders.items():
+        if hot not in hs:
+            continue
+        share = board.share(fn)
+        dest = board.best_worker(fn)
+        if dest is None or share <= 0:
+            continue
+        after = max(board.load[hot] - share, board.load[dest] + share)
+        if after >= board.load[hot] - 1e-9:
+            continue
+        key = (after, _tiebreak(board.seed, fn), fn, dest)
+        if best is None or key < best:
+            best = key
+    return (best[2], best[3]) if best else None
+
+
+def _contention_offloads(view: ClusterView, board: _Board, backbone: str, config: PlacementConfig) -> list[Command]:
+    """ServerlessLoRA: on a contended worker, offload device adapters that are neither placed nor queued there."""
+    out = []
+    for w in board.cap_pages:
+        v = view.workers[w]
+        if v.queued <= config.contended_queue and v.pool_pages_free > 0:
+            continue
+        placed_here = {fn for fn, hs in board.holders.items() if w in hs}
+        for fn, tier in sorted(v.tiers.items()):
+            if tier == Tier.DEVICE and fn not in placed_here and v.queue_depth.get(fn, 0) == 0:
+                out.append(Command(w, CommandKind.OFFLOAD, fn, "cold adapter on a contended worker"))
+    return out
+
+
+def _saturated(view: ClusterView, backbone: str, config: PlacementConfig) -> bool:
+    """True when the backbone has no active worker below the saturation queue depth."""
+    active = [v for v in view.workers.values() if v.backbone == backbone and v.state == WorkerState.ACTIVE]
+    return all(v.queued > config.saturated_queue for v in active)
+
+
+def rank_oblivious_plan(
+    view: ClusterView,
+    demand: Mapping[str, Demand],
+    catalog: Mapping[str, AdapterSpec],
+    previous: Placement,
+    config: PlacementConfig,
+    seed: int,
+) -> Plan:
+    """The baseline: replicas by tokens/s alone, each on a seeded-random live worker with room.
+
+    It ignores ranks (no rank weighting, no rank classes), load balance and contention, and never
+    moves a replica that is still live: what LoRAServe compares against (random placement).
+    """
+    blind = PlacementConfig(**{**config.__dict__, "rank_token_cost": 0.0})
+    rng = random.Random(seed)
+    replicas: dict[str, tuple[str, ...]] = {}
+    commands: list[Command] = []
+    moves = forced = 0
+    for backbone in sorted({s.backbone for s in catalog.values()}):
+        live = {w: int(p * config.pool_fill) for w, p in _live_workers(view, backbone).items()}
+        specs = {fn: s for fn, s in sorted(catalog.items()) if s.backbone == backbone}
+        costs = {fn: function_cost(s, demand.get(fn), blind) for fn, s in specs.items()}
+        board = _Board(blind, specs, costs, live, seed)
+        dropped = _keep_previous(board, previous, sorted(specs))
+        placed_before = len(board.added)
+        for fn in sorted(specs):
+            want = desired_replicas(costs[fn], len(live), blind)
+            while len(board.holders.get(fn, [])) < want:
+                room = [w for w in live if w not in board.holders.get(fn, []) and board.fits(fn, w)]
+                if not room:
+                    break
+                w = rng.choice(room)
+                board.add(fn, w)
+                board.added.append((fn, w))
+        for fn, hs in board.holders.items():
+            if hs:
+                replicas[fn] = tuple(hs)
+        commands += [Command(w, CommandKind.PREFETCH, fn, "placed") for fn, w in board.added]
+        moves += len(board.added) + dropped
+        forced += dropped + len(board.added) - placed_before
+    changed = replicas != previous.replicas
+    states = {w: v.state for w, v in view.workers.items()}
+    placement = Placement(previous.version + (1 if changed else 0), replicas, states)
+    return Plan(placement, tuple(commands), moves, frozenset(), forced)
