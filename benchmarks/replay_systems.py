@@ -8,6 +8,12 @@
 - ``dedicated``: the serverless-LLM baseline ServerlessLoRA beats: every function gets its own
   backbone copy (its own worker process and work queue), started on its first request and
   stopped after an idle timeout.
+- ``rank-oblivious``: the baseline LoRAServe beats, with ``--workers N``: one shared queue every
+  worker pulls, adapters placed on workers at random (``placement.rank_oblivious_plan``) and
+  prefetched there; any worker may get any function and loads what it lacks.
+
+With ``--workers`` above 1, ``lorafaas`` runs its scheduler: rank-aware placement, prefetch of
+each worker's placements before it takes traffic, and affinity routing with spill-over.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import nats
 
 from controlplane.services import catalog
@@ -28,7 +35,7 @@ from lorafaas import wire
 from lorafaas.names import Names
 from lorafaas.settings import Settings
 
-SYSTEMS = ("lorafaas", "dedicated", "reactive")
+SYSTEMS = ("lorafaas", "dedicated", "reactive", "rank-oblivious")
 
 
 @dataclass(frozen=True)
@@ -77,10 +84,11 @@ class System:
 
     def __init__(self, base: Settings, setup: ReplaySetup, workdir: Path) -> None:
         suffix = uuid.uuid4().hex[:6]
-        db_url = base.database.url.rsplit("/", 1)[0] + f"/lorafaas_bench_{self.name}"
+        token = self.name.replace("-", "")
+        db_url = base.database.url.rsplit("/", 1)[0] + f"/lorafaas_bench_{token}"
         self.settings = base.model_copy(
             update={
-                "nats": base.nats.model_copy(update={"prefix": f"bench{self.name}{suffix}"}),
+                "nats": base.nats.model_copy(update={"prefix": f"bench{token}{suffix}"}),
                 "database": base.database.model_copy(update={"url": db_url}),
                 "gateway_port": free_port(),
                 "controlplane_port": free_port(),
@@ -186,6 +194,31 @@ class System:
     def after_request(self, function_index: int, now: float) -> None:
         """Called when a request finishes (the dedicated system's idle clock starts here)."""
 
+    async def counters(self) -> dict[str, float]:
+        """Scheduler counters at the end of a run: adapter loads and peer fetches (the workers'
+        reports, via the control plane), spill-overs and shared-queue routes (the gateway), re-routes."""
+        s = self.settings
+        out = {"adapter_loads": 0.0, "peer_fetches": 0.0, "spill_overs": 0.0, "rerouted": 0.0}
+        try:
+            async with httpx.AsyncClient(timeout=10) as c:
+                placement = (
+                    await c.get(
+                        f"http://{s.controlplane_host}:{s.controlplane_port}/admin/placement",
+                        headers={"Authorization": f"Bearer {s.admin_token}"},
+                    )
+                ).json()
+                metrics = (await c.get(f"{self.url}/metrics")).text
+        except (httpx.HTTPError, ValueError):
+            return out
+        for worker in placement.get("workers", {}).values():
+            out["adapter_loads"] += worker.get("adapter_loads", 0)
+            out["peer_fetches"] += worker.get("peer_fetches", 0)
+        out["rerouted"] = float(placement.get("rerouted", 0))
+        for line in metrics.splitlines():
+            if line.startswith("lorafaas_gateway_routes_total") and 'outcome="spill"' in line:
+                out["spill_overs"] += float(line.rsplit(" ", 1)[1])
+        return out
+
     def device_seconds(self, start: float, end: float) -> float:
         """Device time held during [start, end]: each worker is one accelerator."""
         held = 0.0
@@ -200,7 +233,8 @@ class LorafaasSystem(System):
 
     async def start_workers(self) -> None:
         await super().start_workers()
-        await self.preload()
+        if self.setup.workers == 1:  # with more, the scheduler places and prefetches before traffic
+            await self.preload()
 
     async def preload(self) -> None:
         """ServerlessLoRA's comprehensive pre-loading: every adapter onto every worker, warmed up."""
@@ -314,7 +348,23 @@ class DedicatedSystem(System):
         await super().stop()
 
 
+class RankObliviousSystem(System):
+    """LoRAServe's baseline: a shared queue, adapters placed (and prefetched) at random."""
+
+    name = "rank-oblivious"
+
+    def __init__(self, base: Settings, setup: ReplaySetup, workdir: Path) -> None:
+        super().__init__(base, setup, workdir)
+        scheduler = self.settings.scheduler.model_copy(update={"policy": "rank-oblivious", "routing": "shared"})
+        self.settings = self.settings.model_copy(update={"scheduler": scheduler})
+        self.procs = PlatformProcesses(self.settings, self.workdir)
+
+
 def make_system(name: str, base: Settings, setup: ReplaySetup, workdir: Path) -> System:
-    return {"lorafaas": LorafaasSystem, "reactive": ReactiveSystem, "dedicated": DedicatedSystem}[name](
-        base, setup, workdir
-    )
+    systems: dict[str, type[System]] = {
+        "lorafaas": LorafaasSystem,
+        "reactive": ReactiveSystem,
+        "dedicated": DedicatedSystem,
+        "rank-oblivious": RankObliviousSystem,
+    }
+    return systems[name](base, setup, workdir)

@@ -25,7 +25,7 @@ from nats.js.errors import BadRequestError
 
 from lorafaas.names import Names
 from lorafaas.settings import NatsSettings, WorkerSettings
-from lorafaas.streams import pull_invocations, pull_own_invocations
+from lorafaas.streams import pull_invocations, pull_own_invocations, republish_to_shared
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,7 @@ class Intake:
             shared = await self._subscribe(lambda: pull_invocations(self.js, self.names, bb, self.nats))
             try:
                 await asyncio.gather(self._pull(own, "own"), self._pull(shared, "shared"))
+                await self._hand_off(own)
             finally:
                 for sub in (own, shared):
                     with contextlib.suppress(Exception):
@@ -114,6 +115,20 @@ class Intake:
                     raise
                 log.warning("consumer not ready yet (%s); retrying", e.description)
                 await asyncio.sleep(SUBSCRIBE_RETRY_S)
+
+    async def _hand_off(self, own: JetStreamContext.PullSubscription) -> None:
+        """Draining: what still waits on this worker's own subject goes to the shared one, for the others."""
+        moved = 0
+        while True:
+            try:
+                msgs = await own.fetch(batch=64, timeout=FETCH_TIMEOUT_S)
+            except (TimeoutError, NatsTimeout):
+                break
+            for msg in msgs:
+                await republish_to_shared(self.js, self.names, self.settings.backbone, msg, self.settings.worker_id)
+                moved += 1
+        if moved:
+            log.info("draining: handed %d queued invocations to the shared subject", moved)
 
     async def _pull(self, sub: JetStreamContext.PullSubscription, which: str) -> None:
         while not self.lifecycle.draining.is_set():

@@ -88,12 +88,18 @@ class SchedulerSettings(BaseModel):
     """The control plane's placement loop and the routing it publishes (issue 14)."""
 
     enabled: bool = True
+    # "rank-aware" (LoRAServe placement) or "rank-oblivious" (the baseline: random placement).
+    policy: str = "rank-aware"
+    # Gateways: "affinity" routes by the placement table; "shared" puts every invocation on the
+    # backbone's shared subject (the baseline's single queue).
+    routing: str = "affinity"
     interval_s: float = 0.5
     # A worker whose reports stopped this long ago is dead: its queue is re-routed, its functions re-placed.
     dead_after_s: float = 5.0
     # Gateways spill an invocation to the shared subject when every replica has this many queued.
     spill_threshold: int = 8
-    # A backbone sheds (429) when every active worker has at least this many queued.
+    # A worker with more queued is contended; a backbone whose every active worker has more than
+    # ``saturated_queue`` queued sheds new invocations (429 with Retry-After).
     saturated_queue: int = 64
     retry_after_s: float = 2.0
     # A gone worker's subject is still swept this long, for gateways routing on an old table.

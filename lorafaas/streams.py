@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
 
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -17,7 +19,7 @@ from nats.js.api import (
 from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
-from lorafaas.names import Names
+from lorafaas.names import MSG_ID_HEADER, REROUTED_HEADER, Names, reroute_msg_id
 from lorafaas.settings import NatsSettings
 
 DUPLICATE_WINDOW_S = 120.0
@@ -138,3 +140,21 @@ async def placement_bucket(js: JetStreamContext, names: Names) -> KeyValue:
         return await js.key_value(names.placement_bucket)
     except BucketNotFoundError:
         return await js.create_key_value(KeyValueConfig(bucket=names.placement_bucket, history=1))
+
+
+async def republish_to_shared(js: JetStreamContext, names: Names, backbone: str, msg: Msg, from_worker: str) -> None:
+    """Move one invocation message from a worker's own subject to the backbone's shared subject.
+
+    The copy is stored before the original is acked; its message id comes from the original's
+    stream sequence, so moving the same message twice (a retry after a crash) stores one copy.
+    """
+    try:
+        invocation_id = json.loads(msg.data).get("invocation_id", "unknown")
+    except ValueError:
+        invocation_id = "undecodable"
+    headers = {
+        MSG_ID_HEADER: reroute_msg_id(invocation_id, msg.metadata.sequence.stream),
+        REROUTED_HEADER: from_worker,
+    }
+    await js.publish(names.invoke_subject(backbone), msg.data, headers=headers)
+    await msg.ack_sync()
