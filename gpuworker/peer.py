@@ -129,8 +129,9 @@ def _read_folder(folder: Path) -> dict[str, bytes]:
 class PeerFetcher:
     """Brings an adapter folder from a peer into ``dest``; ``False`` means use S3."""
 
-    def __init__(self, nc: NATS, names: Names, timeout_s: float = 2.0) -> None:
-        self.nc, self.names, self.timeout_s = nc, names, timeout_s
+    def __init__(self, nc: NATS, names: Names, timeout_s: float = 2.0, max_bytes: int = 0) -> None:
+        # Above ``max_bytes`` (0: no limit) S3 is the faster path here (benchmarks/peer_fetch.py).
+        self.nc, self.names, self.timeout_s, self.max_bytes = nc, names, timeout_s, max_bytes
         self.stats = PeerStats()
         self.last_peer = ""
 
@@ -146,6 +147,8 @@ class PeerFetcher:
             files: dict[str, str] = manifest["files"]
             if folder_digest(files) != ref.sha256:
                 raise ValueError(f"peer {manifest.get('worker_id')} offers other content than {ref.sha256[:12]}")
+            if self.max_bytes and sum(manifest["sizes"].values()) > self.max_bytes:
+                return False  # large enough that S3 is faster than chunks over NATS
             await self._receive(subject, manifest, dest)
         except Exception as e:  # any failure of the peer path: S3 is the fallback
             log.warning("peer fetch of %s failed, using S3: %r", ref.function_id, e)

@@ -85,7 +85,7 @@ class WorkerService:
             js, names, nats_settings, settings, self.lifecycle, lambda: len(self.inflight), self._on_pulled
         )
         self.peers = PeerServer(nc, names, settings.worker_id, adapters.holdings)
-        self.peer_fetcher = PeerFetcher(nc, names, settings.peer_fetch_timeout_s)
+        self.peer_fetcher = PeerFetcher(nc, names, settings.peer_fetch_timeout_s, settings.peer_fetch_max_bytes)
         if settings.peer_fetch:
             adapters.peer_fetch = self.peer_fetcher.fetch
         self.started_at = datetime.now(UTC)

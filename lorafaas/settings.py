@@ -82,6 +82,8 @@ class WorkerSettings(BaseModel):
     # Fetch a missing adapter from a peer worker's host memory before trying S3.
     peer_fetch: bool = True
     peer_fetch_timeout_s: float = 2.0
+    # Larger adapters come from S3: measured crossover on this machine (docs/benchmarks.md, peer fetch).
+    peer_fetch_max_bytes: int = 8_000_000
 
 
 class SchedulerSettings(BaseModel):
