@@ -107,11 +107,12 @@ class System:
     def url(self) -> str:
         return f"http://{self.settings.gateway_host}:{self.settings.gateway_port}"
 
-    def worker_env(self, backbone: str, host_cache: bool = True) -> dict[str, str]:
+    def worker_env(self, backbone: str, worker_id: str, host_cache: bool = True) -> dict[str, str]:
         env = {
             "LORAFAAS_WORKER__BACKBONE": backbone,
             "LORAFAAS_WORKER__BACKBONE_URI": str(self.setup.backbone_dir),
-            "LORAFAAS_WORKER__CACHE_DIR": str(self.workdir / "cache"),
+            # Each worker its own disk cache, as on separate machines.
+            "LORAFAAS_WORKER__CACHE_DIR": str(self.workdir / "cache" / worker_id),
             "LORAFAAS_WORKER__POOL_PAGES": str(self.setup.pool_pages),
             "LORAFAAS_WORKER__MAX_BATCH": str(self.setup.max_batch),
         }
@@ -148,12 +149,17 @@ class System:
         return "bench"
 
     async def start_workers(self) -> None:
-        for i in range(self.setup.workers):
-            await self.spawn_worker(f"{self.name}-w{i}", "bench", wait=True)
+        """All at once: they join together, so the first placement round sees them all."""
+        ids = [f"{self.name}-w{i}" for i in range(self.setup.workers)]
+        for worker_id in ids:
+            await self.spawn_worker(worker_id, "bench", wait=False)
+        for worker_id in ids:
+            await wait_for_worker(self.settings, worker_id, timeout_s=300)
+            self.lives[worker_id].ready = time.monotonic()
 
     async def spawn_worker(self, worker_id: str, backbone: str, wait: bool, host_cache: bool = True) -> None:
         self.lives[worker_id] = WorkerLife(started=time.monotonic())
-        self.procs.start_worker(worker_id, self.worker_env(backbone, host_cache))
+        self.procs.start_worker(worker_id, self.worker_env(backbone, worker_id, host_cache))
         if wait:
             await wait_for_worker(self.settings, worker_id, timeout_s=300)
             self.lives[worker_id].ready = time.monotonic()

@@ -19,6 +19,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Literal
 
+from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js.errors import BadRequestError
@@ -68,7 +69,7 @@ class Intake:
         settings: WorkerSettings,
         lifecycle: Lifecycle,
         inflight: Callable[[], int],
-        handle: Callable[[object], None],
+        handle: Callable[[Msg], None],
     ) -> None:
         self.js, self.names, self.nats, self.settings = js, names, nats, settings
         self.lifecycle, self.inflight, self.handle = lifecycle, inflight, handle
