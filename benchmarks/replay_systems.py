@@ -85,7 +85,8 @@ class System:
     def __init__(self, base: Settings, setup: ReplaySetup, workdir: Path) -> None:
         suffix = uuid.uuid4().hex[:6]
         token = self.name.replace("-", "")
-        db_url = base.database.url.rsplit("/", 1)[0] + f"/lorafaas_bench_{token}"
+        # A database of its own per run: replays of several sessions may share one Postgres.
+        db_url = base.database.url.rsplit("/", 1)[0] + f"/lorafaas_bench_{token}_{suffix}"
         self.settings = base.model_copy(
             update={
                 "nats": base.nats.model_copy(update={"prefix": f"bench{token}{suffix}"}),
@@ -171,6 +172,7 @@ class System:
         for life in self.lives.values():
             life.stopped = life.stopped or now
         await asyncio.to_thread(self.procs.stop_all)
+        await self._drop_database()
 
     async def _drop_database(self) -> None:
         import asyncpg
