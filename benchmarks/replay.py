@@ -23,17 +23,15 @@ import httpx
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
-from sqlalchemy import select
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.replay_systems import SYSTEMS, FunctionSpec, ReplaySetup, System, make_system  # noqa: E402
-from controlplane.db.models import Invocation  # noqa: E402
 from launcher import trace  # noqa: E402
 from launcher.devstack import DevStack  # noqa: E402
-from launcher.platform import admin  # noqa: E402
+from launcher.platform import invocation_timings  # noqa: E402
 from lorafaas.settings import S3Settings, Settings  # noqa: E402
 
 console = Console(stderr=True)
@@ -157,12 +155,8 @@ async def replay_system(
 async def attach_load_times(system: System, records: list[RequestRecord]) -> None:
     """The adapter load time of each invocation, as the worker measured it (timings.load_s)."""
     ids = {r.invocation_id.removeprefix("cmpl-"): r for r in records if r.invocation_id}
-    async with admin(system.settings) as a:
-        rows = (
-            await a.session.execute(select(Invocation.id, Invocation.timings).where(Invocation.id.in_(list(ids))))
-        ).all()
-    for inv_id, timings in rows:
-        ids[inv_id].load_s = float((timings or {}).get("load_s", 0.0))
+    for inv_id, timings in (await invocation_timings(system.settings, list(ids))).items():
+        ids[inv_id].load_s = float(timings.get("load_s", 0.0))
 
 
 # --- metrics ----------------------------------------------------------------------------------

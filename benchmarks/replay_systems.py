@@ -27,9 +27,15 @@ from pathlib import Path
 import httpx
 import nats
 
-from controlplane.services import catalog
 from launcher.devstack import free_port
-from launcher.platform import admin, create_tenant_with_key, prepare, publish_backbone, register_function
+from launcher.platform import (
+    adapter_refs,
+    create_tenant_with_key,
+    prepare,
+    publish_backbone,
+    register_backbone_copy,
+    register_function,
+)
 from launcher.stack import PlatformProcesses, wait_for_worker
 from lorafaas import wire
 from lorafaas.names import Names
@@ -247,11 +253,7 @@ class LorafaasSystem(System):
     async def preload(self) -> None:
         """ServerlessLoRA's comprehensive pre-loading: every adapter onto every worker, warmed up."""
         names = Names(self.settings.nats.prefix)
-        async with admin(self.settings) as a:
-            refs = [
-                (await catalog.served_function(a.session, self.tenant_id, fn.name)).adapter_ref()
-                for fn in self.setup.functions
-            ]
+        refs = await adapter_refs(self.settings, self.tenant_id, [fn.name for fn in self.setup.functions])
         nc = await nats.connect(self.settings.nats.url)
         try:
             for worker_id in self.lives:
@@ -281,17 +283,16 @@ class DedicatedSystem(System):
         self.ready_events: dict[int, asyncio.Event] = {}
         self.worker_of: dict[int, str] = {}
         self.ready_at: dict[int, float] = {}
+        self.starting: dict[int, asyncio.Task] = {}  # held so a start is not garbage-collected mid-way
         self._reaper: asyncio.Task | None = None
 
     def backbone_of(self, fn: FunctionSpec) -> str:
         return f"ded-{fn.name}"
 
     async def register(self) -> None:
-        uri = await publish_backbone(self.settings, "bench", self.setup.backbone_dir)
-        async with admin(self.settings) as a:
-            bb = await catalog.backbone_by_name(a.session, "bench")
-            for fn in self.setup.functions:  # the same weights, one backbone (and queue) per function
-                await catalog.register_backbone(a.session, self.backbone_of(fn), uri, bb.shape, bb.max_context)
+        await publish_backbone(self.settings, "bench", self.setup.backbone_dir)
+        # the same weights, one backbone (and queue) per function
+        await register_backbone_copy(self.settings, "bench", [self.backbone_of(fn) for fn in self.setup.functions])
         tenant_id, self.api_key = await create_tenant_with_key(self.settings, "bench")
         for fn in self.setup.functions:
             await register_function(
@@ -318,7 +319,7 @@ class DedicatedSystem(System):
             return None
         if event is None:  # cold: start this function's own backbone
             event = self.ready_events[function_index] = asyncio.Event()
-            asyncio.create_task(self._start_function_worker(function_index, event))
+            self.starting[function_index] = asyncio.create_task(self._start_function_worker(function_index, event))
         return await self._ready_time(function_index, event)
 
     async def _ready_time(self, function_index: int, event: asyncio.Event) -> float:

@@ -139,7 +139,7 @@ def _dev_services(settings: Settings, args: argparse.Namespace) -> None:
 def _dev_up(settings: Settings, args: argparse.Namespace) -> None:
     from launcher.demo import dev_up
 
-    asyncio.run(dev_up(settings, Path(args.workdir)))
+    asyncio.run(dev_up(settings, Path(args.workdir), args.shape))
 
 
 def _demo(settings: Settings, args: argparse.Namespace) -> None:
@@ -214,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
         "up", help="the whole stack: services, migrations, demo backbone, control plane, gateway, a worker"
     )
     p.add_argument("--workdir", default=".lorafaas")
+    p.add_argument("--shape", default="demo", help="backbone shape built in code (gpuworker.models.SHAPES)")
     p.set_defaults(func=_dev_up)
 
     p = sub.add_parser(

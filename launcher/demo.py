@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -218,12 +219,19 @@ async def run_demo(settings: Settings, options: DemoOptions) -> None:
         console.print(f"[red]failed[/red] status={o.status}: {o.error}")
 
 
-async def dev_up(settings: Settings, workdir: Path) -> None:
-    async with running_platform(settings, workdir) as setup:
-        console.print(
-            f"gateway on http://{settings.gateway_host}:{settings.gateway_port}; demo functions {setup.functions}"
-        )
-        console.print(f"demo API key (shown once): {setup.api_key}")
-        console.print("Ctrl-C to stop")
-        with contextlib.suppress(asyncio.CancelledError):
+async def dev_up(settings: Settings, workdir: Path, shape: str = DEMO_BACKBONE) -> None:
+    """The whole stack until SIGINT or SIGTERM; either stops every child (a service manager sends
+    SIGTERM, and a bare SIGTERM would otherwise leave S3, gateway, control plane and worker running)."""
+    main = asyncio.current_task()
+    assert main is not None
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, main.cancel)  # cancellation runs every cleanup block below
+    with contextlib.suppress(asyncio.CancelledError):
+        async with running_platform(settings, workdir, shape) as setup:
+            console.print(
+                f"gateway on http://{settings.gateway_host}:{settings.gateway_port}; demo functions {setup.functions}"
+            )
+            console.print(f"demo API key (shown once): {setup.api_key}")
+            console.print("Ctrl-C or SIGTERM to stop")
             await asyncio.Event().wait()

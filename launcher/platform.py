@@ -14,11 +14,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from controlplane.db.migrate import prepare_database
 from controlplane.db.session import make_engine, make_sessionmaker
-from controlplane.services import catalog, keys, ledger
+from controlplane.services import catalog, invocations, keys, ledger
 from lorafaas.artifacts import ArtifactStore
 from lorafaas.errors import NotFound
 from lorafaas.names import backbone_prefix
 from lorafaas.settings import Settings
+from lorafaas.wire import AdapterRef
 
 
 @dataclass
@@ -114,3 +115,23 @@ async def register_function(
 async def bill(settings: Settings, tenant_id: str, year: int, month: int) -> ledger.Bill:
     async with admin(settings) as a:
         return await ledger.monthly_bill(a.session, tenant_id, year, month)
+
+
+async def adapter_refs(settings: Settings, tenant_id: str, function_names: list[str]) -> list[AdapterRef]:
+    """Where each named function's adapter lives (what a worker command names)."""
+    async with admin(settings) as a:
+        return [(await catalog.served_function(a.session, tenant_id, name)).adapter_ref() for name in function_names]
+
+
+async def register_backbone_copy(settings: Settings, source: str, names: list[str]) -> None:
+    """Register the weights of backbone ``source`` again under each of ``names`` (one queue per name)."""
+    async with admin(settings) as a:
+        bb = await catalog.backbone_by_name(a.session, source)
+        for name in names:
+            await catalog.register_backbone(a.session, name, bb.uri, bb.shape, bb.max_context)
+
+
+async def invocation_timings(settings: Settings, invocation_ids: list[str]) -> dict[str, dict[str, float]]:
+    """The worker-measured timings of each invocation, by id (missing ids are left out)."""
+    async with admin(settings) as a:
+        return await invocations.timings_of(a.session, invocation_ids)

@@ -62,10 +62,11 @@ def settings(session_tmp: Path, s3_port: int) -> Iterator[Settings]:
     with DevStack(s, session_tmp / "stack"):  # NATS and Postgres run already; starts nothing then
         asyncio.run(prepare(s))
         yield s
-    asyncio.run(_drop(s))
+    asyncio.run(drop_private_state(s))
 
 
-async def _drop(s: Settings) -> None:
+async def drop_private_state(s: Settings) -> None:
+    """Drop a test's private database and NATS streams."""
     conn = await asyncpg.connect(PG_ADMIN_DSN)
     try:
         await conn.execute(f'DROP DATABASE IF EXISTS "{s.database.url.rsplit("/", 1)[1]}" WITH (FORCE)')

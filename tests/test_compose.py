@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -58,11 +59,41 @@ def test_infrastructure_images(services: dict[str, Any]) -> None:
 
 
 def test_app_services_build_the_repo_image(services: dict[str, Any]) -> None:
-    assert (ROOT / "Dockerfile").is_file()
-    images = {services[name]["image"] for name in APP_SERVICES}
-    assert len(images) == 1
-    for name in APP_SERVICES:
-        assert services[name]["build"] in (".", {"context": "."}), name
+    """Services without a model build the torch-free target; only the worker adds torch."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    targets = {line.split()[-1] for line in dockerfile.splitlines() if line.startswith("FROM ") and " AS " in line}
+    assert targets == {"service", "worker"}
+    torch_free = [name for name in APP_SERVICES if name != "gpuworker"]
+    assert len({services[name]["image"] for name in torch_free}) == 1
+    for name in torch_free:
+        assert services[name]["build"] == {"context": ".", "target": "service"}, name
+    assert services["gpuworker"]["build"] == {"context": ".", "target": "worker"}
+    assert services["gpuworker"]["image"] not in {services[name]["image"] for name in torch_free}
+    service_stage = dockerfile.split(" AS service")[1].split(" AS worker")[0]
+    assert not [line for line in service_stage.splitlines() if line.startswith("RUN") and "torch" in line]
+
+
+def test_services_install_without_the_model_stack() -> None:
+    """The gateway and control plane need only the base dependencies: torch sits in the worker extra."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    model_stack = {"torch", "transformers", "peft", "safetensors"}
+    base = {re.split(r"[<>=\[ ]", dep, maxsplit=1)[0] for dep in project["dependencies"]}
+    worker = {re.split(r"[<>=\[ ]", dep, maxsplit=1)[0] for dep in project["optional-dependencies"]["worker"]}
+    assert not base & model_stack
+    assert model_stack <= worker
+
+
+def test_gateway_and_controlplane_start_without_torch() -> None:
+    """Importing both apps (what their processes do) loads no model code."""
+    code = (
+        "import sys, gateway.app, controlplane.main;"
+        "loaded = {'torch', 'transformers', 'peft', 'gpuworker'} & set(sys.modules);"
+        "sys.exit(f'loaded {sorted(loaded)}' if loaded else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_app_commands(services: dict[str, Any]) -> None:

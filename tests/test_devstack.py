@@ -194,3 +194,60 @@ def _wait_for_bucket(s3: S3Settings, proc: subprocess.Popen, timeout_s: float = 
         assert proc.poll() is None, "run_services exited early"
         assert time.monotonic() < deadline, "the bucket never appeared"
         time.sleep(0.1)
+
+
+@pytest.mark.e2e
+def test_dev_up_stops_every_child_on_sigterm(tmp_path: Path, s3_port: int) -> None:
+    """`lorafaas dev up` under a service manager: SIGTERM stops gateway, control plane and worker."""
+    import asyncio
+    import os
+    import uuid
+
+    from launcher.stack import settings_env
+    from tests.conftest import drop_private_state, make_settings
+
+    suffix = uuid.uuid4().hex[:8]
+    settings = make_settings(tmp_path, s3_port, f"lorafaas_devup_{suffix}", f"ldu{suffix}")
+    workdir = tmp_path / "devup"
+    env = {**os.environ, **settings_env(settings)}
+    cmd = [sys.executable, "-m", "launcher.cli", "dev", "up", "--shape", "tiny", "--workdir", str(workdir)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_port(settings.gateway_host, settings.gateway_port, 120, proc)
+        _wait_for_output(proc, "demo API key", 120)
+        children = _children(proc.pid)
+        assert len(children) >= 3, children  # control plane, gateway, worker
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    finally:
+        stop_process(proc)
+        asyncio.run(drop_private_state(settings))
+    assert proc.returncode == 0
+    assert not port_open(settings.gateway_host, settings.gateway_port)
+    assert not port_open(settings.controlplane_host, settings.controlplane_port)
+    assert [pid for pid in children if Path(f"/proc/{pid}").exists()] == []
+
+
+def _wait_for_output(proc: subprocess.Popen, text: str, timeout_s: float) -> None:
+    """Reads the child's output until ``text`` appears (its stdout is a pipe we must keep draining)."""
+    deadline = time.monotonic() + timeout_s
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if text in line:
+            return
+        assert line or proc.poll() is None, "dev up exited early"
+    raise AssertionError(f"{text!r} not printed within {timeout_s:g}s")
+
+
+def _children(pid: int) -> list[int]:
+    """Direct children of ``pid`` that are still running (zombies excluded)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found

@@ -202,3 +202,9 @@ async def list_for_tenant(
     if until is not None:
         query = query.where(Invocation.accepted_at < until)
     return list(await session.scalars(query.order_by(Invocation.accepted_at.desc(), Invocation.id).limit(limit)))
+
+
+async def timings_of(session: AsyncSession, invocation_ids: list[str]) -> dict[str, dict[str, float]]:
+    """Worker-measured timings by invocation id, for operators and benchmarks."""
+    rows = await session.execute(select(Invocation.id, Invocation.timings).where(Invocation.id.in_(invocation_ids)))
+    return {inv_id: dict(timings or {}) for inv_id, timings in rows.all()}
