@@ -122,7 +122,7 @@ class PlacementConfig:
     target_utilisation: float = 0.7  # plan loads up to this share of capacity
     rank_token_cost: float = 0.002  # extra per-token cost per unit of rank, relative to the backbone's
     rank_classes: tuple[int, ...] = (16, 64)  # class boundaries: ranks <= 16, <= 64, above
-    rank_mix_penalty: float = 0.25  # score penalty per unit share of a worker's load in other rank classes
+    rank_mix_penalty: float = 0.25  # score added for placing a function outside its worker's home rank class
     replica_load: float = 0.5  # a function gets another replica per this share of one worker's target load
     max_replicas: int = 8
     pool_fill: float = 0.8  # placed adapters use at most this share of a worker's pool pages (rest: spill loads)

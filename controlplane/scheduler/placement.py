@@ -14,9 +14,11 @@ no I/O, no clock, no global state; the seed only breaks ties. One round:
 4. contention commands: offload adapters that sit on the device of a contended worker without
    being placed there or wanted by its queue; shed a backbone whose every worker is saturated.
 
-"Best worker" minimises expected utilisation after the move plus a penalty for the share of
-the worker's load in other rank classes, so ranks that slow each other are kept apart and a
-worker's batches stay rank-homogeneous. Load is tokens/s weighted by the per-token cost of the
+Each round gives every worker a *home rank class*, with workers shared out in proportion to each
+class's expected load (LoRAServe's rank-aware grouping). "Best worker" minimises expected
+utilisation after the move plus ``rank_mix_penalty`` when the function's class is not the
+worker's home, so ranks that slow each other are kept apart while load allows, and a worker's
+batches stay rank-homogeneous. Load is tokens/s weighted by the per-token cost of the
 rank, the model measured in ``benchmarks/rank_interference.py`` (docs/engine.md).
 """
 
@@ -90,12 +92,16 @@ class _Board:
     pages: dict[str, int] = field(default_factory=dict)
     added: list[tuple[str, str]] = field(default_factory=list)
     removed: list[tuple[str, str]] = field(default_factory=list)
+    home: dict[str, int] = field(default_factory=dict)  # worker -> the rank class it serves
 
     def __post_init__(self) -> None:
         for w in self.cap_pages:
             self.load[w] = 0.0
             self.pages[w] = 0
             self.class_load[w] = {}
+        self.order = sorted(self.cap_pages, key=lambda w: _tiebreak(self.seed, w))
+        self.classes = {fn: rank_class(s.rank, self.config) for fn, s in self.specs.items()}
+        self.target = self.config.worker_capacity * self.config.target_utilisation
 
     def share(self, fn: str, replicas: int | None = None) -> float:
         n = replicas if replicas is not None else max(len(self.holders.get(fn, ())), 1)
@@ -107,7 +113,7 @@ class _Board:
         if not hs:
             return
         share = self.costs[fn] / len(hs)
-        cls = rank_class(self.specs[fn].rank, self.config)
+        cls = self.classes[fn]
         for w in hs:
             self.load[w] += sign * share
             self.class_load[w][cls] = self.class_load[w].get(cls, 0.0) + sign * share
@@ -127,22 +133,64 @@ class _Board:
         self.pages[w] -= self.specs[fn].pages
         self._account(fn, +1)
 
-    def score(self, fn: str, w: str) -> tuple[float, int]:
+    def score(self, fn: str, w: str) -> float:
         """Lower is better: utilisation after taking a share, rank-mix penalty, spread of pages."""
         cfg = self.config
-        share = self.share(fn, len(self.holders.get(fn, ())) + 1)
-        target = cfg.worker_capacity * cfg.target_utilisation
-        util = (self.load[w] + share) / target
-        cls = rank_class(self.specs[fn].rank, cfg)
-        total = sum(self.class_load[w].values())
-        other = (total - self.class_load[w].get(cls, 0.0)) / total if total > 1e-12 else 0.0
-        pages = self.pages[w] / self.cap_pages[w] if self.cap_pages[w] else 1.0
-        return (util + cfg.rank_mix_penalty * other + 0.05 * pages, _tiebreak(self.seed, f"{fn}@{w}"))
+        share = self.costs[fn] / (len(self.holders.get(fn, ())) + 1)
+        util = (self.load[w] + share) / self.target
+        mixed = self.home.get(w, self.classes[fn]) != self.classes[fn]
+        cap = self.cap_pages[w]
+        return util + (cfg.rank_mix_penalty if mixed else 0.0) + 0.05 * (self.pages[w] / cap if cap else 1.0)
+
+    def assign_homes(self) -> None:
+        """Give every worker a home rank class, in proportion to each class's expected load.
+
+        Quotas by largest remainder (every class with load gets a worker while workers last);
+        a worker keeps the class that already dominates its load where the quota allows, so
+        homes stay put from round to round and the placement does not churn.
+        """
+        weight: dict[int, float] = {}
+        for fn, cls in self.classes.items():
+            weight[cls] = weight.get(cls, 0.0) + self.costs[fn]
+        if sum(weight.values()) <= 1e-12:  # no demand yet: weigh classes by their number of functions
+            weight = {cls: float(list(self.classes.values()).count(cls)) for cls in weight}
+        workers, total = len(self.order), sum(weight.values())
+        if not workers or total <= 0:
+            return
+        exact = {cls: w / total * workers for cls, w in weight.items() if w > 0}
+        quota = {cls: max(1, int(x)) for cls, x in exact.items()}
+        while sum(quota.values()) > workers:  # more classes than workers: the lightest go without
+            quota[min(quota, key=lambda c: (exact[c], c))] -= 1
+            quota = {c: q for c, q in quota.items() if q > 0}
+        for cls in sorted(exact, key=lambda c: (-(exact[c] - int(exact[c])), c)):
+            if sum(quota.values()) >= workers:
+                break
+            quota[cls] = quota.get(cls, 0) + 1
+        free = []
+        for w in self.order:
+            mine = self.class_load[w]
+            dominant = max(mine, key=lambda c: (mine[c], -c)) if mine and max(mine.values()) > 0 else None
+            if dominant is not None and quota.get(dominant, 0) > 0:
+                self.home[w] = dominant
+                quota[dominant] -= 1
+            else:
+                free.append(w)
+        spare = [cls for cls in sorted(quota) for _ in range(quota[cls])]
+        for w, cls in zip(free, spare):
+            self.home[w] = cls
 
     def best_worker(self, fn: str, exclude: Iterable[str] = ()) -> str | None:
+        """The lowest-scoring worker with room that does not hold fn; ties go to the seeded worker order."""
         skip = set(self.holders.get(fn, ())) | set(exclude)
-        candidates = [w for w in self.cap_pages if w not in skip and self.fits(fn, w)]
-        return min(candidates, key=lambda w: self.score(fn, w)) if candidates else None
+        best, best_score = None, math.inf
+        need = self.specs[fn].pages
+        for w in self.order:
+            if w in skip or self.pages[w] + need > self.cap_pages[w]:
+                continue
+            sc = self.score(fn, w)
+            if sc < best_score:
+                best, best_score = w, sc
+        return best
 
 
 def plan(
@@ -159,8 +207,9 @@ def plan(
     moves = forced = 0
     shed: set[str] = set()
     loads: dict[str, float] = {}
+    budget = [config.max_moves]  # optional moves, shared by every backbone of the round
     for backbone in sorted({s.backbone for s in catalog.values()}):
-        board, dropped, placed = _plan_backbone(view, demand, catalog, previous, config, seed, backbone)
+        board, dropped, placed = _plan_backbone(view, demand, catalog, previous, config, seed, backbone, budget)
         for fn, hs in board.holders.items():
             if hs:
                 replicas[fn] = tuple(hs)
@@ -195,6 +244,7 @@ def _plan_backbone(
     config: PlacementConfig,
     seed: int,
     backbone: str,
+    budget: list[int],
 ) -> tuple[_Board, int, int]:
     """The round for one backbone: the board, replicas dropped (forced) and placed (forced)."""
     live = {w: int(p * config.pool_fill) for w, p in _live_workers(view, backbone).items()}
@@ -203,9 +253,9 @@ def _plan_backbone(
     board = _Board(config, specs, costs, live, seed)
     order = sorted(specs, key=lambda fn: (-costs[fn], _tiebreak(seed, fn)))
     dropped = _keep_previous(board, previous, order)
+    board.assign_homes()
     placed = _place_unplaced(board, order)
-    budget = [config.max_moves]
-    _drop_cold(board, order, budget)
+    _drop_cold(board, view, order, budget)
     _add_hot(board, view, order, budget)
     _rebalance(board, budget)
     return board, dropped, placed
@@ -236,14 +286,21 @@ def _place_unplaced(board: _Board, order: list[str]) -> int:
     return placed
 
 
-def _drop_cold(board: _Board, order: list[str], budget: list[int]) -> None:
-    """One replica less for a function whose load would stay well under a replica's share without it."""
+def _contended(view: ClusterView, holders: list[str], fn: str, config: PlacementConfig) -> bool:
+    """Every holder has more of fn's invocations queued than ``contended_queue``."""
+    return all(view.workers[w].queue_depth.get(fn, 0) > config.contended_queue for w in holders)
+
+
+def _drop_cold(board: _Board, view: ClusterView, order: list[str], budget: list[int]) -> None:
+    """One replica less for a function whose load would stay well under a replica's share without it
+    (never while a holder has a backlog of it: a replica added for a queue stays until it drains)."""
     limit = replica_share(board.config) * board.config.remove_below
     for fn in reversed(order):  # coldest first
         hs = board.holders.get(fn, [])
         if budget[0] <= 0:
             return
-        if len(hs) > 1 and board.costs[fn] / (len(hs) - 1) < limit:
+        backlog = any(view.workers[w].queue_depth.get(fn, 0) > board.config.contended_queue for w in hs)
+        if len(hs) > 1 and board.costs[fn] / (len(hs) - 1) < limit and not backlog:
             w = max(hs, key=lambda h: (board.load[h], h))
             board.remove(fn, w)
             board.removed.append((fn, w))
@@ -260,7 +317,7 @@ def _add_hot(board: _Board, view: ClusterView, order: list[str], budget: list[in
         if not hs:
             continue
         want = desired_replicas(board.costs[fn], len(board.cap_pages), cfg)
-        if all(view.workers[w].queue_depth.get(fn, 0) > cfg.contended_queue for w in hs):
+        if _contended(view, hs, fn, cfg):
             want = max(want, min(len(hs) + 1, cfg.max_replicas, len(board.cap_pages)))
         while len(hs) < want and budget[0] > 0:
             w = board.best_worker(fn)

@@ -1,0 +1,264 @@
+"""Properties of the pure scheduler policies (placement, routing), over generated clusters."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from controlplane.scheduler.model import (
+    AdapterSpec,
+    ClusterView,
+    CommandKind,
+    Demand,
+    Placement,
+    PlacementConfig,
+    WorkerState,
+    WorkerView,
+)
+from controlplane.scheduler.placement import PLACEABLE, plan, rank_class, rank_oblivious_plan
+from controlplane.scheduler.routing import choose_worker, least_loaded
+
+pytestmark = pytest.mark.unit
+
+RANKS = (8, 16, 32, 64, 128)
+POLICIES = (plan, rank_oblivious_plan)
+
+
+@st.composite
+def scenarios(draw, min_workers: int = 0):
+    """A cluster view, demand, catalog, a previous placement (stale ids included), config and seed."""
+    n_workers = draw(st.integers(min_workers, 8))
+    workers = {}
+    for i in range(n_workers):
+        name = f"w{i}"
+        total = draw(st.integers(0, 200))
+        queue = draw(st.dictionaries(st.sampled_from([f"f{j}" for j in range(12)]), st.integers(0, 50), max_size=4))
+        workers[name] = WorkerView(
+            name,
+            draw(st.sampled_from(["bb", "bb", "other"])),
+            draw(st.sampled_from(list(WorkerState))),
+            total,
+            draw(st.integers(0, total)),
+            queue_depth=queue,
+        )
+    n_fns = draw(st.integers(0, 25))
+    catalog = {}
+    for j in range(n_fns):
+        rank = draw(st.sampled_from(RANKS))
+        catalog[f"f{j}"] = AdapterSpec(f"f{j}", draw(st.sampled_from(["bb", "other"])), rank, rank * 1000, rank // 8)
+    demand = {fn: Demand(fn, draw(st.floats(0, 20)), draw(st.floats(0, 8000))) for fn in catalog if draw(st.booleans())}
+    ids = [*workers, "gone"]
+    previous = Placement(
+        draw(st.integers(0, 5)),
+        {fn: tuple(draw(st.lists(st.sampled_from(ids), max_size=3, unique=True))) for fn in catalog},
+    )
+    config = PlacementConfig(
+        worker_capacity=draw(st.floats(100, 10000)),
+        max_moves=draw(st.integers(0, 10)),
+        pool_fill=draw(st.sampled_from([0.5, 0.8, 1.0])),
+        max_replicas=draw(st.integers(1, 4)),
+    )
+    return ClusterView(0.0, workers), demand, catalog, previous, config, draw(st.integers(0, 2**31))
+
+
+# Sized for 2 shared CI cores: every example plans a cluster of up to 8 workers and 25 functions.
+COMMON = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@COMMON
+@given(scenarios())
+def test_plans_are_deterministic(s):
+    for policy in POLICIES:
+        assert policy(*s) == policy(*s)
+
+
+@COMMON
+@given(scenarios())
+def test_no_worker_over_capacity_and_only_live_workers_hold_functions(s):
+    view, _, catalog, _, config, _ = s
+    for policy in POLICIES:
+        result = policy(*s)
+        used: dict[str, int] = {}
+        for fn, holders in result.placement.replicas.items():
+            assert len(set(holders)) == len(holders)
+            for w in holders:
+                assert w in view.workers and view.workers[w].state in PLACEABLE  # dead/draining hold nothing
+                assert view.workers[w].backbone == catalog[fn].backbone
+                used[w] = used.get(w, 0) + catalog[fn].pages
+        for w, pages in used.items():
+            assert pages <= int(view.workers[w].pool_pages_total * config.pool_fill)
+
+
+@COMMON
+@given(scenarios())
+def test_optional_moves_per_round_are_bounded(s):
+    config = s[4]
+    result = plan(*s)
+    assert 0 <= result.forced_moves <= result.moves
+    assert result.moves - result.forced_moves <= config.max_moves
+    added = sum(1 for c in result.commands if c.kind == CommandKind.PREFETCH)
+    assert added <= result.moves
+
+
+@COMMON
+@given(scenarios(min_workers=1))
+def test_every_function_placed_when_capacity_allows(s):
+    view, demand, catalog, previous, config, seed = s
+    roomy = {
+        w: WorkerView(w, v.backbone, v.state, 10_000, 10_000, queue_depth=v.queue_depth)
+        for w, v in view.workers.items()
+    }
+    view = ClusterView(0.0, roomy)
+    for policy in POLICIES:
+        result = policy(view, demand, catalog, previous, config, seed)
+        for fn, spec in catalog.items():
+            live = [w for w, v in roomy.items() if v.state in PLACEABLE and v.backbone == spec.backbone]
+            if live:
+                assert result.placement.replicas.get(fn), f"{fn} unplaced with {live} live"
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios())
+def test_replanning_the_same_input_settles(s):
+    """Hysteresis: with nothing changing, rounds stop moving replicas (no flapping)."""
+    view, demand, catalog, previous, config, seed = s
+    current = previous
+    for _ in range(20):
+        result = plan(view, demand, catalog, current, config, seed)
+        current = result.placement
+        if result.moves == 0:
+            break
+    assert result.moves == 0
+    assert result.placement.version == current.version
+
+
+def _cluster(n: int, pages: int = 1000, states: dict[str, WorkerState] | None = None) -> ClusterView:
+    states = states or {}
+    return ClusterView(
+        0.0,
+        {f"w{i}": WorkerView(f"w{i}", "bb", states.get(f"w{i}", WorkerState.ACTIVE), pages, pages) for i in range(n)},
+    )
+
+
+def _catalog(ranks: list[int]) -> dict[str, AdapterSpec]:
+    return {f"f{i}": AdapterSpec(f"f{i}", "bb", r, r * 1000, r // 8) for i, r in enumerate(ranks)}
+
+
+def test_dead_and_draining_workers_functions_are_replaced():
+    catalog = _catalog([8, 128, 32])
+    previous = Placement(3, {"f0": ("w0",), "f1": ("w1",), "f2": ("w0", "w2")})
+    view = _cluster(4, states={"w0": WorkerState.DEAD, "w1": WorkerState.DRAINING})
+    result = plan(view, {}, catalog, previous, PlacementConfig(max_moves=0), 0)
+    reps = result.placement.replicas
+    assert set(reps) == {"f0", "f1", "f2"}
+    assert all(w in ("w2", "w3") for hs in reps.values() for w in hs)
+    assert reps["f2"] == ("w2",)  # a live replica is kept, not moved
+    assert result.forced_moves == result.moves == 3 + 2  # 3 dropped + 2 re-placed, with a zero budget
+    assert result.placement.version == 4
+    prefetch = {(c.worker_id, c.function_id) for c in result.commands if c.kind == CommandKind.PREFETCH}
+    assert prefetch == {(reps["f0"][0], "f0"), (reps["f1"][0], "f1")}
+
+
+def test_joining_worker_receives_placements_when_load_is_imbalanced():
+    catalog = _catalog([16] * 8)
+    demand = {fn: Demand(fn, 1.0, 500.0) for fn in catalog}
+    view = _cluster(2)
+    config = PlacementConfig(worker_capacity=4000.0, max_moves=8)
+    first = plan(view, demand, catalog, Placement(0, {}), config, 1)
+    joined = _cluster(3, states={"w2": WorkerState.JOINING})
+    second = plan(joined, demand, catalog, first.placement, config, 1)
+    assert any("w2" in hs for hs in second.placement.replicas.values())
+    assert second.moves - second.forced_moves <= config.max_moves
+
+
+def test_hot_function_gets_replicas_and_cold_one_loses_them():
+    catalog = _catalog([32, 32])
+    config = PlacementConfig(worker_capacity=1000.0, max_moves=10, max_replicas=4)
+    hot = {"f0": Demand("f0", 10.0, 1400.0), "f1": Demand("f1", 0.1, 10.0)}
+    result = plan(_cluster(4), hot, catalog, Placement(0, {}), config, 0)
+    assert len(result.placement.replicas["f0"]) == 4  # 1400 * 1.064 / (0.5 * 1000 * 0.7) -> 5, capped at 4
+    assert len(result.placement.replicas["f1"]) == 1
+    cold = {"f0": Demand("f0", 0.1, 10.0)}
+    after = plan(_cluster(4), cold, catalog, result.placement, config, 0)
+    assert len(after.placement.replicas["f0"]) == 3  # one replica less per round, not all at once
+
+
+def test_ranks_are_kept_apart_when_load_allows():
+    """Equal load of rank-8 and rank-128 functions on two workers: each worker gets one rank class."""
+    catalog = _catalog([8, 128, 8, 128, 8, 128, 8, 128])
+    demand = {fn: Demand(fn, 1.0, 100.0 / (1 + 0.002 * catalog[fn].rank)) for fn in catalog}
+    config = PlacementConfig(worker_capacity=10_000.0)
+    result = plan(_cluster(2), demand, catalog, Placement(0, {}), config, 0)
+    classes = {
+        w: {rank_class(catalog[fn].rank, config) for fn, hs in result.placement.replicas.items() if w in hs}
+        for w in ("w0", "w1")
+    }
+    assert classes["w0"] != classes["w1"] and all(len(c) == 1 for c in classes.values())
+
+
+def test_contention_offloads_cold_adapters_and_sheds_a_saturated_backbone():
+    catalog = _catalog([8, 8])
+    busy = WorkerView(
+        "w0",
+        "bb",
+        WorkerState.ACTIVE,
+        100,
+        0,
+        tiers={"f0": "device", "f1": "device", "stray": "device"},
+        queue_depth={"f0": 40},
+    )
+    view = ClusterView(0.0, {"w0": busy})
+    previous = Placement(1, {"f0": ("w0",), "f1": ("w0",)})
+    result = plan(view, {"f0": Demand("f0", 5.0, 100.0)}, catalog, previous, PlacementConfig(), 0)
+    offloads = {c.function_id for c in result.commands if c.kind == CommandKind.OFFLOAD}
+    assert offloads == {"stray"}  # placed adapters stay; the queued one stays
+    assert result.shed == frozenset({"bb"})
+    calm = ClusterView(0.0, {"w0": WorkerView("w0", "bb", WorkerState.ACTIVE, 100, 50)})
+    assert plan(calm, {}, catalog, previous, PlacementConfig(), 0).shed == frozenset()
+
+
+# -- routing --------------------------------------------------------------------------------
+@st.composite
+def routes(draw):
+    n = draw(st.integers(0, 6))
+    names = [f"w{i}" for i in range(n)]
+    states = {w: draw(st.sampled_from(list(WorkerState))) for w in names}
+    holders = tuple(draw(st.lists(st.sampled_from([*names, "gone"]), max_size=4, unique=True))) if names else ()
+    depth = {w: draw(st.integers(0, 20)) for w in names}
+    return Placement(1, {"f": holders}, states), depth, states, draw(st.integers(0, 10)), draw(st.integers(0, 99))
+
+
+@settings(max_examples=200, deadline=None)
+@given(routes())
+def test_routing_returns_an_active_worker_and_spills_only_when_every_holder_is_over(r):
+    placement, depth, states, threshold, tiebreak = r
+    active = [w for w, s in states.items() if s == WorkerState.ACTIVE]
+    for route in (choose_worker, least_loaded):
+        choice = route("f", placement, depth, states, threshold, tiebreak)
+        assert (choice is None) == (not active)
+        if choice is None:
+            continue
+        assert states[choice.worker_id] == WorkerState.ACTIVE
+        assert route("f", placement, depth, states, threshold, tiebreak) == choice
+    choice = choose_worker("f", placement, depth, states, threshold, tiebreak)
+    holders = [w for w in placement.replicas["f"] if states.get(w) == WorkerState.ACTIVE]
+    if choice is None:
+        return
+    if choice.spilled:
+        assert choice.worker_id not in holders
+        assert all(depth[h] > threshold for h in holders)
+    else:
+        assert choice.worker_id in holders
+        least = min(depth[h] for h in holders)
+        assert depth[choice.worker_id] == least or least > threshold
+
+
+def test_routing_prefers_the_least_queued_holder_and_rotates_ties():
+    states = {w: WorkerState.ACTIVE for w in ("a", "b", "c")}
+    placement = Placement(1, {"f": ("a", "b")}, states)
+    assert choose_worker("f", placement, {"a": 3, "b": 1, "c": 0}, states, 5).worker_id == "b"
+    picks = {choose_worker("f", placement, {"a": 1, "b": 1}, states, 5, t).worker_id for t in range(4)}
+    assert picks == {"a", "b"}
+    spill = choose_worker("f", placement, {"a": 9, "b": 8, "c": 0}, states, 5)
+    assert spill is not None and spill.worker_id == "c" and spill.spilled
