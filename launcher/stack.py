@@ -66,7 +66,7 @@ class PlatformProcesses:
         self.procs[name] = proc
         return proc
 
-    def start_controlplane(self, timeout_s: float = 60) -> None:
+    def start_controlplane(self, timeout_s: float = 180) -> None:
         s = self.settings
         proc = self._spawn("controlplane", ["controlplane"])
         wait_healthy(
@@ -76,7 +76,7 @@ class PlatformProcesses:
             self.logs / "controlplane.log",
         )
 
-    def start_gateway(self, timeout_s: float = 60) -> None:
+    def start_gateway(self, timeout_s: float = 180) -> None:
         s = self.settings
         proc = self._spawn("gateway", ["gateway"])
         wait_healthy(f"http://{s.gateway_host}:{s.gateway_port}/healthz", timeout_s, proc, self.logs / "gateway.log")

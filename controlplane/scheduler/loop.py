@@ -60,8 +60,8 @@ log = logging.getLogger(__name__)
 CATALOG_REFRESH_S = 2.0
 PREFETCH_RETRY_S = 30.0  # a failed or unfinished prefetch of the same adapter is retried after this
 COMMAND_TIMEOUT_S = 120.0  # a prefetch downloads, copies and warms up the adapter
-WARMUP_S = 2.0
-ACTIVATE_RETRY_S = 3.0  # its next report says active; until then, do not send it again  # after a (re)start, reports arrive before the loop acts on an empty view
+WARMUP_S = 2.0  # after a (re)start, reports arrive before the loop acts on an empty view
+ACTIVATE_RETRY_S = 3.0  # its next report says active; until then, do not send it again
 ON_DEVICE = (Tier.DEVICE,)
 HELD = (Tier.DEVICE, Tier.HOST)
 

@@ -115,7 +115,7 @@ def cluster(session_tmp: Path, s3_port: int, backbone_dir: Path, adapter_dirs: d
         for w in ("w1", "w2", "w3"):
             cluster.start_worker(w)
         for w in ("w1", "w2", "w3"):
-            asyncio.run(wait_for_worker(settings, w, timeout_s=180))
+            asyncio.run(wait_for_worker(settings, w, timeout_s=400))
         yield cluster
     finally:
         procs.stop_all()
