@@ -26,7 +26,7 @@ from launcher.stack import PlatformProcesses, wait_for_worker
 from lorafaas.names import Names
 from lorafaas.settings import SchedulerSettings, Settings
 from lorafaas.wire import InvocationResult
-from tests.conftest import _drop, make_settings
+from tests.conftest import drop_private_state, make_settings
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 
@@ -119,7 +119,7 @@ def cluster(session_tmp: Path, s3_port: int, backbone_dir: Path, adapter_dirs: d
         yield cluster
     finally:
         procs.stop_all()
-        asyncio.run(_drop(settings))
+        asyncio.run(drop_private_state(settings))
 
 
 async def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.2):
