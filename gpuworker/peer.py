@@ -108,10 +108,11 @@ class PeerServer:
                 }
                 await msg.respond(json.dumps(manifest).encode())
                 return
-            files = self._files.get(sha) or await asyncio.to_thread(_read_folder, self.folders[sha])
-            self._files[sha] = files
+            cached = self._files.get(sha)
+            if cached is None:  # a chunk asked of a holder that did not answer the manifest
+                cached = self._files[sha] = await asyncio.to_thread(_read_folder, self.folders[sha])
             offset = int(request["index"]) * CHUNK_BYTES
-            await msg.respond(files[request["file"]][offset : offset + CHUNK_BYTES])
+            await msg.respond(cached[request["file"]][offset : offset + CHUNK_BYTES])
         except Exception as e:  # a bad or late request: the asker falls back to S3
             log.warning("peer request for %s failed: %r", sha, e)
             with contextlib.suppress(Exception):

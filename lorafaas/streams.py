@@ -129,9 +129,8 @@ async def pull_own_invocations(
     js: JetStreamContext, names: Names, backbone: str, worker_id: str, nats: NatsSettings
 ) -> JetStreamContext.PullSubscription:
     config = worker_own_consumer_config(names, backbone, worker_id, nats)
-    return await js.pull_subscribe(
-        config.filter_subject, durable=config.durable_name, stream=names.invocations_stream, config=config
-    )
+    subject = names.invoke_worker_subject(backbone, worker_id)
+    return await js.pull_subscribe(subject, durable=config.durable_name, stream=names.invocations_stream, config=config)
 
 
 async def placement_bucket(js: JetStreamContext, names: Names) -> KeyValue:

@@ -151,9 +151,12 @@ class SchedulerLoop:
         """Start from the table the previous control plane published: no churn across a restart."""
         replicas: dict[str, tuple[str, ...]] = {}
         version = 0
+        kv = self.kv
         with contextlib.suppress(NotFoundError, KeyNotFoundError, NoKeysError):
-            for key in await self.kv.keys():
-                entry = await self.kv.get(key)
+            for key in await kv.keys() if kv is not None else []:
+                entry = await kv.get(key)  # type: ignore[union-attr]
+                if not entry.value:
+                    continue
                 table = wire.PlacementTable.decode(entry.value)
                 self.tables[table.backbone] = table
                 version = max(version, table.version)
@@ -244,6 +247,8 @@ class SchedulerLoop:
             table = self.table_for(backbone, view, plan)
             self.tables[backbone] = table
             try:
+                if self.kv is None:
+                    raise RuntimeError("the placement bucket is not open (start() first)")
                 await self.kv.put(self.names.placement_key(backbone), table.encode())
             except Exception as e:  # NATS away: gateways route on the last table they saw
                 log.warning("could not publish the placement table of %s: %r", backbone, e)

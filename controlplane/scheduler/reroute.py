@@ -93,15 +93,16 @@ class Rerouter:
             # deleting it makes its pulled-but-unacked messages deliverable to ours.
             with contextlib.suppress(NotFoundError):
                 await self.js.delete_consumer(stream, self.names.worker_own_consumer(orphan.worker_id))
+            subject = self.names.invoke_worker_subject(orphan.backbone, orphan.worker_id)
             config = ConsumerConfig(
                 durable_name=self.names.reroute_consumer(orphan.worker_id),
-                filter_subject=self.names.invoke_worker_subject(orphan.backbone, orphan.worker_id),
+                filter_subject=subject,
                 ack_policy=AckPolicy.EXPLICIT,
                 ack_wait=self.ack_wait_s,
                 deliver_policy=DeliverPolicy.ALL,
             )
             orphan.sub = await self.js.pull_subscribe(
-                config.filter_subject, durable=config.durable_name, stream=stream, config=config
+                subject, durable=config.durable_name, stream=stream, config=config
             )
         return orphan.sub
 
