@@ -161,14 +161,14 @@ class System:
         for worker_id in ids:
             await self.spawn_worker(worker_id, "bench", wait=False)
         for worker_id in ids:
-            await wait_for_worker(self.settings, worker_id, timeout_s=300)
+            await wait_for_worker(self.settings, worker_id, timeout_s=900)
             self.lives[worker_id].ready = time.monotonic()
 
     async def spawn_worker(self, worker_id: str, backbone: str, wait: bool, host_cache: bool = True) -> None:
         self.lives[worker_id] = WorkerLife(started=time.monotonic())
         self.procs.start_worker(worker_id, self.worker_env(backbone, worker_id, host_cache))
         if wait:
-            await wait_for_worker(self.settings, worker_id, timeout_s=300)
+            await wait_for_worker(self.settings, worker_id, timeout_s=900)
             self.lives[worker_id].ready = time.monotonic()
 
     async def stop(self) -> None:

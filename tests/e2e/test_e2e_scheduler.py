@@ -309,7 +309,8 @@ async def test_drain_moves_functions_and_lets_the_worker_exit(cluster: Cluster) 
 
 
 async def test_a_worker_joins_mid_traffic(cluster: Cluster) -> None:
-    traffic = asyncio.create_task(_steady_traffic(cluster, seconds=25))
+    stop = asyncio.Event()
+    traffic = asyncio.create_task(_steady_traffic(cluster, stop))
     await asyncio.sleep(1.0)
     cluster.start_worker("w4")
 
@@ -318,21 +319,21 @@ async def test_a_worker_joins_mid_traffic(cluster: Cluster) -> None:
             workers = {w["id"]: w for w in (await c.get("/admin/workers")).json()["data"]}
         return workers if workers.get("w4", {}).get("state") == "active" else None
 
-    await wait_for(joined, 120, "w4 to join and become active")
+    await wait_for(joined, 400, "w4 to join and become active")
     placement = await cluster.placement()
     w4 = placement["workers"]["w4"]
     assert set(w4["functions"]) <= set(w4["adapters"]["device"]) | set(w4["adapters"]["host"]), w4
+    await asyncio.sleep(8.0)  # traffic goes on after the join
+    stop.set()
     ids = await traffic
     rows = await settled(cluster, ids, 120)
     assert_exactly_once(rows, await usage_counts(cluster, ids))
     assert any(r.worker_id == "w4" for r in rows.values()), {r.worker_id for r in rows.values()}
 
 
-async def _steady_traffic(cluster: Cluster, seconds: float) -> list[str]:
+async def _steady_traffic(cluster: Cluster, stop: asyncio.Event) -> list[str]:
     ids: list[str] = []
-    loop = asyncio.get_running_loop()
-    end = loop.time() + seconds
-    while loop.time() < end:
+    while not stop.is_set():
         ids += await invoke_async(cluster, list(cluster.function_ids) * 2, max_tokens=16)
         await asyncio.sleep(0.5)
     return ids
