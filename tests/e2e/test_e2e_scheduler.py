@@ -133,6 +133,13 @@ async def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0
         await asyncio.sleep(interval_s)
 
 
+async def worker_of(cluster: Cluster, invocation_id: str) -> str | None:
+    """The worker that ran it, once the control plane applied its result (the caller hears it first)."""
+    async with admin(cluster.settings) as a:
+        row = await a.session.get(Invocation, invocation_id)
+    return row.worker_id if row is not None else None
+
+
 async def stable_placement(cluster: Cluster, quiet_s: float = 3.0) -> dict:
     """The placement once no round has changed it for ``quiet_s`` (rebalancing after the joins settled)."""
     loop = asyncio.get_running_loop()
@@ -236,11 +243,13 @@ async def test_every_function_is_placed_and_served_by_its_holders(cluster: Clust
                 before = placement["replicas"][fid]
                 response = await c.post(f"/v1/functions/{name}/invoke", json={"prompt": f"hi {i}", "max_tokens": 4})
                 assert response.status_code == 200, response.text
-                async with admin(cluster.settings) as a:
-                    row = await a.session.get(Invocation, response.json()["id"])
+                invocation_id = response.json()["id"]
+                worker_id = await wait_for(
+                    lambda i=invocation_id: worker_of(cluster, i), 15, "the result applied to Postgres"
+                )
                 placement = await cluster.placement()  # a rebalance may move a replica meanwhile
                 holders = set(before) | set(placement["replicas"][fid])
-                assert row.worker_id in holders, (name, row.worker_id, holders)
+                assert worker_id in holders, (name, worker_id, holders)
     affinity = await cluster.gateway_counter("lorafaas_gateway_routes_total", 'outcome="affinity"')
     assert affinity - affinity_before == 2 * len(cluster.function_ids)
     for w in ("w1", "w2", "w3"):  # what a worker is placed to hold is on its device (prefetched)
