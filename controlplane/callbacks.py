@@ -5,7 +5,9 @@ The control plane's event consumer sees every result; for an invocation with a
 background. Each POST carries ``Lorafaas-Signature: t=<unix>,v1=<hex>`` where ``v1`` is
 HMAC-SHA256 of ``"<t>.<raw body>"`` under the tenant's callback secret, so a receiver can
 check both origin and freshness. Timeouts, connection errors, 408, 429 and 5xx are retried
-with exponential backoff and full jitter; any other 4xx is final. Every attempt is appended
+with exponential backoff and full jitter; any other 4xx is final. A host that resolves to a
+loopback, link-local or private address is refused before connecting
+(``controlplane.services.egress``), and that refusal is final too. Every attempt is appended
 to ``invocations.callback_attempts`` and shows in the invocation's status.
 """
 
@@ -17,23 +19,24 @@ import hmac
 import json
 import logging
 import random
-import secrets
 import time
 from datetime import UTC, datetime
 
 import httpx
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from controlplane.db.models import Invocation, InvocationState, Tenant
+from controlplane.db.models import Invocation
+from controlplane.services.egress import EgressPolicy
+from controlplane.services.invocations import CALLBACK_DELIVERED, CALLBACK_FAILED, CALLBACK_PENDING, TERMINAL
+from controlplane.services.keys import callback_secret
 from lorafaas.names import CALLBACK_ID_HEADER, SIGNATURE_HEADER
 from lorafaas.settings import CallbackSettings
 from lorafaas.wire import InvocationResult
 
 log = logging.getLogger(__name__)
 
-PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
-TERMINAL = [InvocationState.SUCCEEDED, InvocationState.FAILED, InvocationState.CANCELLED]
+PENDING, DELIVERED, FAILED = CALLBACK_PENDING, CALLBACK_DELIVERED, CALLBACK_FAILED
 
 
 # --- signing (shared with receivers and tests) ---------------------------------------------
@@ -56,16 +59,6 @@ def verify(secret: str, header: str, body: bytes, tolerance_s: float = 300.0) ->
     if abs(time.time() - ts) > tolerance_s:
         return False
     return hmac.compare_digest(sign(secret, ts, body), parts.get("v1", ""))
-
-
-async def ensure_secret(session: AsyncSession, tenant_id: str) -> str:
-    """The tenant's callback secret, made on first use (race-safe: the first writer wins)."""
-    await session.execute(
-        update(Tenant)
-        .where(Tenant.id == tenant_id, Tenant.callback_secret.is_(None))
-        .values(callback_secret="whsec_" + secrets.token_hex(24))
-    )
-    return await session.scalar(select(Tenant.callback_secret).where(Tenant.id == tenant_id))
 
 
 def payload(row: Invocation) -> dict:
@@ -108,6 +101,7 @@ class CallbackDispatcher:
         client: httpx.AsyncClient | None = None,
     ) -> None:
         self.sessions, self.settings = sessions, settings
+        self.egress = EgressPolicy.of(settings)
         self.client = client or httpx.AsyncClient(timeout=settings.timeout_s, follow_redirects=False)
         self._tasks: set[asyncio.Task] = set()
 
@@ -149,13 +143,22 @@ class CallbackDispatcher:
             row = await session.get(Invocation, invocation_id)
             if row is None or not row.callback_url or row.callback_state != PENDING:
                 return
-            secret = await session.scalar(select(Tenant.callback_secret).where(Tenant.id == row.tenant_id))
+            secret = await callback_secret(session, row.tenant_id)
             url, body, attempt = row.callback_url, json.dumps(payload(row)).encode(), len(row.callback_attempts or [])
         while attempt < self.settings.max_attempts:
             attempt += 1
-            status, error, duration_ms = await self._post(url, body, secret or "", invocation_id)
+            refused = await self.egress.refused_address(url)
+            if refused is None:
+                status, error, duration_ms = await self._post(url, body, secret or "", invocation_id)
+            else:  # never connect; a name that resolves to a private address will not change by retrying soon
+                status, error, duration_ms = None, refused, 0.0
             ok = status is not None and 200 <= status < 300
-            final = ok or attempt >= self.settings.max_attempts or (status is not None and not retryable(status))
+            final = (
+                ok
+                or refused is not None
+                or attempt >= self.settings.max_attempts
+                or (status is not None and not retryable(status))
+            )
             state = DELIVERED if ok else (FAILED if final else PENDING)
             await self._record(
                 invocation_id,

@@ -13,13 +13,14 @@ from fastapi import FastAPI
 from controlplane.api import admin, scheduler, tenant
 from controlplane.api.deps import ControlPlaneRuntime
 from controlplane.callbacks import CallbackDispatcher
+from controlplane.db.errors import DATABASE_ERRORS, domain_error
 from controlplane.db.session import make_engine, make_sessionmaker
 from controlplane.deadletters import DeadLetterMover
 from controlplane.events import EventConsumer
 from controlplane.registry import WorkerRegistry
 from controlplane.scheduler.loop import SchedulerLoop
 from lorafaas.artifacts import ArtifactStore
-from lorafaas.http_errors import install_error_handlers
+from lorafaas.http_errors import document_errors, install_error_handlers
 from lorafaas.names import Names
 from lorafaas.settings import Settings
 from lorafaas.streams import ensure_streams
@@ -74,10 +75,11 @@ def create_app(settings: Settings) -> FastAPI:
             await engine.dispose()
 
     app = FastAPI(title="lorafaas control plane", version="0.1.0", lifespan=lifespan)
-    install_error_handlers(app)
+    install_error_handlers(app, domain_error, DATABASE_ERRORS)
     app.include_router(admin.router)
     app.include_router(tenant.router)
     app.include_router(scheduler.router)
+    document_errors(app)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict:

@@ -16,11 +16,11 @@ import hashlib
 import json
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controlplane.db.models import Invocation
-from controlplane.services.catalog import ServedFunction
+from controlplane.services import invocations
+from controlplane.services.functions import ServedFunction
 from lorafaas.errors import Conflict, InvalidInput, QuotaExceeded
 from lorafaas.settings import LimitSettings, NatsSettings
 
@@ -39,14 +39,11 @@ async def idempotent_replay(
     """The invocation this key already names, or None when the key is new (or expired, then freed)."""
     if not key or len(key) > 256:
         raise InvalidInput("Idempotency-Key must be 1-256 characters", param="Idempotency-Key")
-    row = await session.scalar(
-        select(Invocation).where(Invocation.tenant_id == tenant_id, Invocation.idempotency_key == key)
-    )
+    row = await invocations.by_idempotency_key(session, tenant_id, key)
     if row is None:
         return None
     if row.accepted_at < datetime.now(UTC) - timedelta(seconds=ttl_s):
-        row.idempotency_key = None  # expired: the key may name a new invocation
-        await session.flush()
+        await invocations.release_idempotency_key(session, row.id)  # expired: the key may name a new invocation
         return None
     if row.request_hash != digest:
         raise Conflict(
@@ -75,7 +72,8 @@ def check_limits(
     context = served.backbone.max_context
     if prompt_tokens is not None and prompt_tokens + max_tokens > context:
         raise InvalidInput(
-            f"prompt of {prompt_tokens} tokens plus max_tokens={max_tokens} exceeds the backbone's context of {context} tokens",
+            f"prompt of {prompt_tokens} tokens plus max_tokens={max_tokens} "
+            f"exceeds the backbone's context of {context} tokens",
             param="prompt",
             limit=context,
         )
@@ -88,7 +86,8 @@ def queue_limit(served: ServedFunction, nats: NatsSettings) -> int:
 def check_queue(served: ServedFunction, depth: int, limit: int) -> None:
     if depth >= limit:
         raise QuotaExceeded(
-            f"function '{served.function.name}' has {depth} invocations queued or running; its queue limit is {limit}. Retry after {RETRY_AFTER_S:g}s",
+            f"function '{served.function.name}' has {depth} invocations queued or running; "
+            f"its queue limit is {limit}. Retry after {RETRY_AFTER_S:g}s",
             retry_after_s=RETRY_AFTER_S,
             headers={
                 "x-ratelimit-limit-requests": str(limit),

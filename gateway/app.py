@@ -9,7 +9,9 @@ from dataclasses import dataclass
 import nats
 from fastapi import FastAPI
 from nats.aio.client import Client as NATS
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from controlplane.db.errors import DATABASE_ERRORS, domain_error
 from gateway.auth import KeyCache
 from gateway.db import GuardedSessions, make_gateway_engine
 from gateway.dispatch import Dispatcher
@@ -21,10 +23,28 @@ from gateway.routes import router
 from gateway.service import InvocationService
 from gateway.tokens import TokenCounter
 from lorafaas.artifacts import ArtifactStore
-from lorafaas.http_errors import install_error_handlers
+from lorafaas.http_errors import document_errors, install_error_handlers
 from lorafaas.names import Names
 from lorafaas.settings import Settings
 from lorafaas.streams import ensure_streams
+
+FORM_TYPE = b"application/x-www-form-urlencoded"
+
+
+class JsonBodies:
+    """ASGI middleware: every gateway body is JSON, so one sent without a content type, or with the
+    form type ``curl -d`` sends by default, is read as JSON (the docs' curl examples rely on it)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+            given = next((v for k, v in scope["headers"] if k == b"content-type"), b"")
+            if not given or given.split(b";")[0].strip().lower() == FORM_TYPE:
+                scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)
 
 
 @dataclass
@@ -85,8 +105,10 @@ def create_app(settings: Settings) -> FastAPI:
         description="Invoke LoRA functions on shared backbones; pay per token. Native and OpenAI-compatible APIs.",
         lifespan=lifespan,
     )
-    install_error_handlers(app)
+    install_error_handlers(app, domain_error, DATABASE_ERRORS)
+    app.add_middleware(JsonBodies)
     metrics.install(app)
     app.include_router(router)
     app.include_router(openai_router)
+    document_errors(app)
     return app

@@ -2,7 +2,8 @@
 
 The gateway must never hang on a dead database: connects and pool checkouts time out within
 about a second, and connection-level errors become ``ServiceUnavailable`` here, at the
-wrapper, so routes and services only ever see domain errors. A connection error makes
+wrapper (``controlplane.db.errors`` decides what an error means), so routes and services only
+ever see domain errors. A connection error makes
 SQLAlchemy invalidate the whole pool, so the gateway recovers by itself when Postgres
 returns; no pre-ping, which would cost three round trips on every checkout.
 
@@ -12,18 +13,15 @@ and COMMIT/ROLLBACK around them; ``begin()`` is for blocks that must be atomic.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager as AsyncContextManager
 from contextlib import asynccontextmanager
 from typing import TypeVar
 
-from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, create_async_engine
 
+from controlplane.db.errors import domain_error
 from controlplane.db.session import make_sessionmaker
-from lorafaas.errors import ServiceUnavailable
 from lorafaas.settings import DatabaseSettings
 
 T = TypeVar("T")
@@ -42,15 +40,6 @@ def make_gateway_engine(db: DatabaseSettings) -> AsyncEngine:
     )
 
 
-def _unavailable(error: BaseException) -> bool:
-    """Connection trouble, as opposed to a query the database refused (e.g. a unique key)."""
-    if isinstance(error, IntegrityError):
-        return False
-    if isinstance(error, (OperationalError, InterfaceError, PoolTimeout, OSError, asyncio.TimeoutError)):
-        return True
-    return isinstance(error, DBAPIError) and bool(error.connection_invalidated)
-
-
 class GuardedSessions:
     """An ``async_sessionmaker`` look-alike whose sessions raise ``ServiceUnavailable`` when Postgres is down."""
 
@@ -65,8 +54,9 @@ class GuardedSessions:
             async with opened as session:
                 yield session
         except Exception as e:
-            if _unavailable(e):
-                raise ServiceUnavailable("the database is unavailable; retry shortly", retry_after_s=1.0) from e
+            domain = domain_error(e)  # an outage (including crash recovery) is a 503, a refused value a 400
+            if domain is not None:
+                raise domain from e
             raise
 
     def __call__(self) -> AsyncContextManager[AsyncSession]:

@@ -15,12 +15,21 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from gateway.deps import PrincipalDep, ServiceDep
-from gateway.openai_schemas import ChatCompletionRequest, CompletionRequest, to_invoke
-from gateway.routes import IdempotencyKey, replay_headers
+from gateway.openai_schemas import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    ModelList,
+    ModelObject,
+    to_invoke,
+)
+from gateway.routes import SSE_CONTENT, SUBMIT_ERRORS, IdempotencyKey, replay_headers
 from gateway.service import Accepted, raise_for_failure, usage_of
 from gateway.streaming import error_event, event_stream, guarded, sse
 from lorafaas import wire
 from lorafaas.errors import NotFound
+from lorafaas.http_errors import error_responses
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -42,13 +51,13 @@ def _model(served) -> dict:
     }
 
 
-@router.get("/models")
+@router.get("/models", response_model=ModelList, responses=error_responses(400, 401, 503))
 async def list_models(principal: PrincipalDep, service: ServiceDep) -> dict:
     """The tenant's functions as models."""
     return {"object": "list", "data": [_model(s) for s in await service.functions(principal)]}
 
 
-@router.get("/models/{model}")
+@router.get("/models/{model}", response_model=ModelObject, responses=error_responses(400, 401, 404, 503))
 async def get_model(model: str, principal: PrincipalDep, service: ServiceDep) -> dict:
     for served in await service.functions(principal):
         if served.function.name == model:
@@ -132,7 +141,19 @@ async def _openai_events(
         yield line
 
 
-@router.post("/completions")
+def _answers(model: type) -> dict:
+    return {
+        200: {
+            "model": model,
+            "description": "The completion (JSON), or with stream=true server-sent events "
+            "of chunks ending with 'data: [DONE]'",
+            "content": SSE_CONTENT,
+        },
+        **SUBMIT_ERRORS,
+    }
+
+
+@router.post("/completions", responses=_answers(Completion))
 async def completions(
     body: CompletionRequest,
     principal: PrincipalDep,
@@ -144,7 +165,7 @@ async def completions(
     return await _complete(body, False, principal, service, request, idempotency_key)
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", responses=_answers(ChatCompletion))
 async def chat_completions(
     body: ChatCompletionRequest,
     principal: PrincipalDep,

@@ -17,11 +17,11 @@ The trailing ``<|assistant|>`` line asks the model for the next assistant turn.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from gateway.schemas import InvokeRequest
+from gateway.schemas import MAX_TOKENS_BOUND, InvokeRequest, Text, Usage
 from lorafaas.errors import InvalidInput
 from lorafaas.wire import InvocationMode
 
@@ -33,22 +33,43 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# OpenAI parameters this platform does not support, each with the value that asks for nothing
+# (what clients send by default): any other value is a 400 naming the parameter, never ignored.
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "logprobs": (None, False, 0),
+    "top_logprobs": (None, 0),
+    "echo": (None, False),
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+    "frequency_penalty": (None, 0, 0.0),
+    "presence_penalty": (None, 0, 0.0),
+    "logit_bias": (None, {}),
+}
+
+
 class _Common(BaseModel):
-    # OpenAI clients send fields this platform does not use (user, logprobs, ...): ignore them.
-    model_config = ConfigDict(extra="ignore")
-    model: str = Field(description="The function name.")
-    temperature: float | None = None
-    top_p: float | None = None
-    n: int | None = None
+    # OpenAI clients send fields that do not change the answer (user, metadata, store, ...): ignore those.
+    model_config = ConfigDict(extra="allow")
+    model: Text = Field(max_length=128, description="The function name.")
+    temperature: float | None = Field(
+        default=None, strict=True, description="0 is greedy; otherwise 0.01..2 (default 1)."
+    )
+    top_p: float | None = Field(default=None, strict=True, description="0.001..1 (default 1).")
+    n: int | None = Field(default=None, strict=True, description="Only 1 is supported.")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, strict=True, description="0..2^63-1; makes sampling reproducible.")
 
 
 class CompletionRequest(_Common):
     prompt: str | list[str]
-    max_tokens: int | None = 16
+    max_tokens: int | None = Field(default=None, strict=True, ge=1, le=MAX_TOKENS_BOUND, description="Default 16.")
 
 
 class ChatMessage(BaseModel):
@@ -59,8 +80,8 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: int | None = Field(default=None, strict=True, ge=1, le=MAX_TOKENS_BOUND, description="Default 64.")
+    max_completion_tokens: int | None = Field(default=None, strict=True, ge=1, le=MAX_TOKENS_BOUND)
 
 
 def _text(content: str | list[dict] | None) -> str:
@@ -91,14 +112,27 @@ def _prompt(body: CompletionRequest) -> str:
     return body.prompt[0]
 
 
+def refuse_unsupported(body: _Common) -> None:
+    """A 400 naming the first parameter that asks for something this platform does not do."""
+    for name, harmless in UNSUPPORTED.items():
+        value = (body.model_extra or {}).get(name)
+        if not any(value == h and type(value) is type(h) for h in harmless):
+            raise InvalidInput(f"'{name}' is not supported by this platform; leave it out", param=name)
+
+
+def _first(*values: int | None, default: int) -> int:
+    return next((v for v in values if v is not None), default)
+
+
 def to_invoke(body: CompletionRequest | ChatCompletionRequest) -> InvokeRequest:
     """The native request an OpenAI body stands for; a bad value is a 400 naming its field."""
+    refuse_unsupported(body)
     if body.n not in (None, 1):
         raise InvalidInput("n must be 1", param="n")
     if isinstance(body, ChatCompletionRequest):
-        prompt, max_tokens = render_chat(body.messages), body.max_completion_tokens or body.max_tokens or 64
+        prompt, max_tokens = render_chat(body.messages), _first(body.max_completion_tokens, body.max_tokens, default=64)
     else:
-        prompt, max_tokens = _prompt(body), body.max_tokens or 16
+        prompt, max_tokens = _prompt(body), _first(body.max_tokens, default=16)
     fields = {
         "prompt": prompt,
         "max_tokens": max_tokens,
@@ -114,3 +148,55 @@ def to_invoke(body: CompletionRequest | ChatCompletionRequest) -> InvokeRequest:
         err = e.errors()[0]
         param = ".".join(str(p) for p in err.get("loc", ()))
         raise InvalidInput(f"{param}: {err.get('msg')}", param=param) from e
+
+
+# --- responses, as documented in the OpenAPI document -------------------------------------------
+class ModelObject(BaseModel):
+    id: str = Field(description="The function name")
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = Field(description="The tenant id")
+    parent: str = Field(description="The backbone")
+    root: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelObject]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"]
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage

@@ -11,10 +11,15 @@ from gateway.deps import PrincipalDep, ServiceDep
 from gateway.schemas import CallbackSecret, InvocationStatus, InvokeRequest, InvokeResponse
 from gateway.service import Accepted, response_of
 from gateway.streaming import event_stream, native_events
+from lorafaas.http_errors import error_responses
 from lorafaas.names import SIGNATURE_HEADER
 from lorafaas.wire import InvocationMode
 
 router = APIRouter()
+
+# What a submission answers besides its result: each error status, with OpenAI's error body.
+SUBMIT_ERRORS = error_responses(400, 401, 402, 403, 404, 409, 429, 502, 503, 504)
+SSE_CONTENT = {"text/event-stream": {"schema": {"type": "string", "description": "Server-sent events"}}}
 
 IdempotencyKey = Annotated[
     str | None, Header(alias="Idempotency-Key", description="Same key and body within 24 h: the same invocation.")
@@ -44,8 +49,9 @@ async def metrics(request: Request) -> Response:
     response_model=InvokeResponse,
     tags=["invocations"],
     responses={
-        202: {"model": InvocationStatus, "description": "mode=async: accepted"},
-        200: {"content": {"text/event-stream": {}}},
+        200: {"description": "mode=sync: the result (JSON); mode=stream: server-sent events", "content": SSE_CONTENT},
+        202: {"model": InvocationStatus, "description": "mode=async: accepted; poll the Location"},
+        **SUBMIT_ERRORS,
     },
 )
 async def invoke(
@@ -75,21 +81,35 @@ async def invoke(
     return JSONResponse(response_of(accepted, result).model_dump(mode="json"), headers=headers)
 
 
-@router.get("/v1/invocations/{invocation_id}", response_model=InvocationStatus, tags=["invocations"])
+@router.get(
+    "/v1/invocations/{invocation_id}",
+    response_model=InvocationStatus,
+    tags=["invocations"],
+    responses=error_responses(400, 401, 403, 404, 503),
+)
 async def invocation_status(invocation_id: str, principal: PrincipalDep, service: ServiceDep) -> InvocationStatus:
     """The state of one of the tenant's invocations, with its result, usage and callback attempts."""
     return await service.status(principal, invocation_id)
 
 
 @router.post(
-    "/v1/invocations/{invocation_id}/cancel", response_model=InvocationStatus, status_code=202, tags=["invocations"]
+    "/v1/invocations/{invocation_id}/cancel",
+    response_model=InvocationStatus,
+    status_code=202,
+    tags=["invocations"],
+    responses=error_responses(400, 401, 403, 404, 409, 503),
 )
 async def cancel_invocation(invocation_id: str, principal: PrincipalDep, service: ServiceDep) -> InvocationStatus:
     """Cancel a queued or running invocation (409 once it finished); poll its status for the outcome."""
     return await service.cancel(principal, invocation_id)
 
 
-@router.get("/v1/callbacks/secret", response_model=CallbackSecret, tags=["callbacks"])
+@router.get(
+    "/v1/callbacks/secret",
+    response_model=CallbackSecret,
+    tags=["callbacks"],
+    responses=error_responses(400, 401, 403, 503),
+)
 async def callback_secret(principal: PrincipalDep, service: ServiceDep) -> CallbackSecret:
     """The tenant's secret for verifying callback signatures."""
     secret = await service.callback_secret(principal)

@@ -17,9 +17,10 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from controlplane import callbacks
 from controlplane.db.models import Invocation, InvocationState
-from controlplane.services import catalog, invocations
+from controlplane.services import invocations, keys
+from controlplane.services.egress import EgressPolicy
+from controlplane.services.functions import ServedFunction, list_functions, served_function
 from controlplane.services.keys import Principal
 from controlplane.services.quotas import TenantQuota
 from gateway import admission
@@ -30,7 +31,7 @@ from gateway.quotas import QuotaGuard
 from gateway.schemas import CallbackStatus, InvocationStatus, InvokeRequest, InvokeResponse, Usage
 from gateway.tokens import TokenCounter
 from lorafaas import wire
-from lorafaas.errors import Conflict, InvocationTimeout, LorafaasError, NotFound, ServiceUnavailable, error_for_code
+from lorafaas.errors import InvocationTimeout, LorafaasError, NotFound, ServiceUnavailable, error_for_code
 from lorafaas.settings import Settings
 
 SERVED_TTL_S = 2.0
@@ -61,15 +62,19 @@ class InvocationService:
     quotas: QuotaGuard | None = None
     # (tenant, function name) -> (expiry, resolved function): saves a join per request; a new
     # adapter version or limit is seen within SERVED_TTL_S.
-    _served: dict[tuple[str, str], tuple[float, catalog.ServedFunction]] = field(default_factory=dict, init=False)
+    _served: dict[tuple[str, str], tuple[float, ServedFunction]] = field(default_factory=dict, init=False)
+    egress: EgressPolicy = field(init=False)
 
-    async def _served_function(self, tenant_id: str, name: str) -> catalog.ServedFunction:
+    def __post_init__(self) -> None:
+        self.egress = EgressPolicy.of(self.settings.callbacks)
+
+    async def _served_function(self, tenant_id: str, name: str) -> ServedFunction:
         now = time.monotonic()
         cached = self._served.get((tenant_id, name))
         if cached is not None and cached[0] > now:
             return cached[1]
         async with self.sessions() as session:  # closing detaches the rows with their loaded values
-            served = await catalog.served_function(session, tenant_id, name)
+            served = await served_function(session, tenant_id, name)
         self._served[(tenant_id, name)] = (now + SERVED_TTL_S, served)
         return served
 
@@ -93,6 +98,8 @@ class InvocationService:
     ) -> Accepted:
         """Check and record the invocation; it is committed before anything is published."""
         principal.require("invoke")
+        if req.callback_url is not None:
+            self.egress.check_url(req.callback_url)
         self.dispatcher.require_connected()  # fail fast: do not record what cannot be queued
         started = time.monotonic()
         digest = (
@@ -129,14 +136,14 @@ class InvocationService:
                 if replay is not None:
                     return Accepted(replay.id, function_name, None, started)
             if req.callback_url:
-                await callbacks.ensure_secret(session, principal.tenant_id)
+                await keys.ensure_callback_secret(session, principal.tenant_id)
             return await self._record(session, principal, served, quota, req, started, key, digest)
 
     async def _record(
         self,
         session: AsyncSession | AsyncConnection,
         principal: Principal,
-        served: catalog.ServedFunction,
+        served: ServedFunction,
         quota: TenantQuota | None,
         req: InvokeRequest,
         started: float,
@@ -184,7 +191,7 @@ class InvocationService:
         """Publish a new invocation; for a replay, the recorded result if it already finished."""
         if accepted.replayed:  # the watch is already subscribed: a result published from now on is heard
             async with self.sessions() as session:
-                row = await session.get(Invocation, accepted.invocation_id)
+                row = await invocations.get(session, accepted.invocation_id)
             if InvocationState(row.state).terminal:
                 return result_of(row)
             return await self.dispatcher.published_result(accepted.invocation_id)
@@ -283,6 +290,8 @@ class InvocationService:
 
     # --- status and cancel -----------------------------------------------------------------
     async def status(self, principal: Principal, invocation_id: str) -> InvocationStatus:
+        """The invocation's state and result: for keys that may invoke (the result is the invoker's data)."""
+        principal.require("invoke")
         async with self.sessions() as session:
             row = await invocations.get_for_tenant(session, principal.tenant_id, invocation_id)
         ttl = self.settings.limits.result_ttl_s
@@ -303,10 +312,7 @@ class InvocationService:
         principal.require("invoke")
         self.dispatcher.require_connected()
         async with self.sessions.begin() as session:
-            row = await invocations.get_for_tenant(session, principal.tenant_id, invocation_id)
-            if InvocationState(row.state).terminal:
-                raise Conflict(f"invocation {invocation_id} already {row.state}; nothing to cancel", state=row.state)
-            row.cancel_requested_at = row.cancel_requested_at or datetime.now(UTC)
+            row = await invocations.request_cancel(session, principal.tenant_id, invocation_id)
             queued = row.state == InvocationState.QUEUED
         await self.dispatcher.publish_cancel(invocation_id)
         # Postgres may still say queued while a worker already runs it: then the worker settles it.
@@ -318,13 +324,15 @@ class InvocationService:
             )
         return status_of(row)
 
-    async def functions(self, principal: Principal) -> list[catalog.ServedFunction]:
+    async def functions(self, principal: Principal) -> list[ServedFunction]:
         async with self.sessions() as session:
-            return await catalog.list_functions(session, principal.tenant_id)
+            return await list_functions(session, principal.tenant_id)
 
     async def callback_secret(self, principal: Principal) -> str:
+        """The secret that signs this tenant's callbacks: for keys that may invoke (and so ask for callbacks)."""
+        principal.require("invoke")
         async with self.sessions.begin() as session:
-            return await callbacks.ensure_secret(session, principal.tenant_id)
+            return await keys.ensure_callback_secret(session, principal.tenant_id)
 
 
 def raise_for_failure(result: wire.InvocationResult) -> None:
@@ -378,7 +386,9 @@ def status_of(row: Invocation) -> InvocationStatus:
     callback = None
     if row.callback_url:
         callback = CallbackStatus(
-            url=row.callback_url, state=row.callback_state or callbacks.PENDING, attempts=row.callback_attempts or []
+            url=row.callback_url,
+            state=row.callback_state or invocations.CALLBACK_PENDING,
+            attempts=row.callback_attempts or [],
         )
     return InvocationStatus(
         id=row.id,

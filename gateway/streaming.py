@@ -23,7 +23,7 @@ from fastapi.responses import StreamingResponse
 from gateway.service import raise_for_failure, usage_of
 from lorafaas import wire
 from lorafaas.errors import LorafaasError
-from lorafaas.http_errors import error_body
+from lorafaas.http_errors import domain_body, error_body
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +37,7 @@ def sse(data: dict | str, event: str | None = None) -> str:
 
 def error_event(exc: Exception, event: str | None = "error") -> str:
     if isinstance(exc, LorafaasError):
-        return sse(
-            error_body(
-                exc.message,
-                exc.code,
-                **{k: v for k, v in exc.details.items() if isinstance(v, (str, int, float, bool))},
-            ),
-            event,
-        )
+        return sse(domain_body(exc), event)
     log.exception("stream failed", exc_info=exc)
     return sse(error_body("internal error", "server_error"), event)
 

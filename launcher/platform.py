@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from controlplane.db.migrate import prepare_database
 from controlplane.db.session import make_engine, make_sessionmaker
-from controlplane.services import catalog, invocations, keys, ledger
+from controlplane.services import catalog, functions, invocations, keys, ledger
 from lorafaas.artifacts import ArtifactStore
 from lorafaas.errors import NotFound
 from lorafaas.names import backbone_prefix
@@ -96,7 +96,7 @@ async def register_function(
     price_in: int | None,
     price_out: int | None,
     progress: object | None = None,
-) -> catalog.ServedFunction:
+) -> functions.ServedFunction:
     async with admin(settings) as a:
         return await catalog.register_function(
             a.session,
@@ -120,7 +120,7 @@ async def bill(settings: Settings, tenant_id: str, year: int, month: int) -> led
 async def adapter_refs(settings: Settings, tenant_id: str, function_names: list[str]) -> list[AdapterRef]:
     """Where each named function's adapter lives (what a worker command names)."""
     async with admin(settings) as a:
-        return [(await catalog.served_function(a.session, tenant_id, name)).adapter_ref() for name in function_names]
+        return [(await functions.served_function(a.session, tenant_id, name)).adapter_ref() for name in function_names]
 
 
 async def register_backbone_copy(settings: Settings, source: str, names: list[str]) -> None:

@@ -6,6 +6,7 @@ settings through ``LORAFAAS_`` environment variables and logs to ``workdir/logs`
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -26,7 +27,11 @@ def settings_env(settings: Settings) -> dict[str, str]:
         if isinstance(value, BaseModel):
             for field, inner in value:
                 env[f"LORAFAAS_{name.upper()}__{field.upper()}"] = (
-                    str(inner).lower() if isinstance(inner, bool) else str(inner)
+                    str(inner).lower()
+                    if isinstance(inner, bool)
+                    else json.dumps(inner)  # lists and dicts: pydantic-settings reads them as JSON
+                    if isinstance(inner, (list, dict))
+                    else str(inner)
                 )
         else:
             env[f"LORAFAAS_{name.upper()}"] = str(value)

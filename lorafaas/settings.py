@@ -57,6 +57,9 @@ class CallbackSettings(BaseModel):
     base_delay_s: float = 0.5
     max_delay_s: float = 60.0
     timeout_s: float = 5.0
+    # Callbacks never go to loopback, link-local or private addresses except inside these networks
+    # (CIDRs, e.g. ["10.20.0.0/16"] for a receiver inside the operator's own network).
+    allowed_networks: list[str] = Field(default_factory=list)
 
 
 class WorkerSettings(BaseModel):

@@ -19,7 +19,15 @@ import pytest_asyncio
 from launcher.devstack import DevStack, free_port, start_s3, stop_process
 from launcher.platform import prepare
 from lorafaas.names import Names
-from lorafaas.settings import DatabaseSettings, LimitSettings, NatsSettings, S3Settings, Settings, WorkerSettings
+from lorafaas.settings import (
+    CallbackSettings,
+    DatabaseSettings,
+    LimitSettings,
+    NatsSettings,
+    S3Settings,
+    Settings,
+    WorkerSettings,
+)
 from lorafaas.streams import delete_streams
 
 if TYPE_CHECKING:
@@ -36,6 +44,8 @@ def make_settings(tmp: Path, s3_port: int, db_name: str, prefix: str) -> Setting
         s3=S3Settings(endpoint=f"127.0.0.1:{s3_port}", bucket="lorafaas-test"),
         limits=LimitSettings(max_tokens=64, sync_timeout_s=60.0),
         worker=WorkerSettings(cache_dir=tmp / "cache", max_batch=8, report_interval_s=0.5, heartbeat_interval_s=0.5),
+        # The tests' callback receivers listen on loopback, which production settings refuse.
+        callbacks=CallbackSettings(allowed_networks=["127.0.0.0/8"]),
         gateway_port=free_port(),
         controlplane_port=free_port(),
     )

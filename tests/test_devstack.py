@@ -213,8 +213,8 @@ def test_dev_up_stops_every_child_on_sigterm(tmp_path: Path, s3_port: int) -> No
     cmd = [sys.executable, "-m", "launcher.cli", "dev", "up", "--shape", "tiny", "--workdir", str(workdir)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        wait_for_port(settings.gateway_host, settings.gateway_port, 120, proc)
-        _wait_for_output(proc, "demo API key", 120)
+        wait_for_port(settings.gateway_host, settings.gateway_port, 300, proc)
+        _wait_for_output(proc, "demo API key", 300)
         children = _children(proc.pid)
         assert len(children) >= 3, children  # control plane, gateway, worker
         proc.send_signal(signal.SIGTERM)

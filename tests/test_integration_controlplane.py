@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 from controlplane.db.models import Invocation, InvocationState, Tenant, TenantStatus, UsageRecord
 from controlplane.db.session import make_engine, make_sessionmaker
 from controlplane.events import EventConsumer
-from controlplane.services import catalog, invocations, keys, ledger
+from controlplane.services import catalog, functions, invocations, keys, ledger
 from launcher.platform import admin, publish_backbone
 from lorafaas import wire
 from lorafaas.artifacts import ArtifactStore
@@ -179,7 +179,7 @@ async def test_price_change_affects_only_later_invocations(
         fn = await a.session.get(catalog.Function, served.function.id)
         fn.price_input_micros_per_1m = 5_000
     async with admin(settings) as a:
-        after = await _accepted(settings, tenant_id, await catalog.served_function(a.session, tenant_id, "fn"))
+        after = await _accepted(settings, tenant_id, await functions.served_function(a.session, tenant_id, "fn"))
     async with admin(settings) as a:
         for inv in (before, after):
             await ledger.record_usage(

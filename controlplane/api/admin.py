@@ -28,9 +28,15 @@ from controlplane.api.schemas import (
     WorkerOut,
 )
 from controlplane.db.models import TenantStatus
-from controlplane.services import catalog, keys, ledger, quotas, workers
+from controlplane.services import catalog, functions, keys, ledger, quotas, workers
+from lorafaas.http_errors import error_responses
 
-router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_operator)])
+router = APIRouter(
+    prefix="/admin",
+    tags=["admin"],
+    dependencies=[Depends(require_operator)],
+    responses=error_responses(400, 401, 404, 409, 503),
+)
 
 
 # --- tenants ----------------------------------------------------------------------------
@@ -164,7 +170,7 @@ async def _apply_defaults(session, name: str, body: BackboneDefaults):
 
 @router.get("/functions", response_model=Page[FunctionOut])
 async def list_functions(session: ReadSessionDep, tenant_id: str | None = None) -> Page[FunctionOut]:
-    return Page(data=[FunctionOut.of(s) for s in await catalog.list_all_functions(session, tenant_id)])
+    return Page(data=[FunctionOut.of(s) for s in await functions.list_all_functions(session, tenant_id)])
 
 
 @router.patch("/functions/{function_id}", response_model=FunctionOut)
@@ -172,7 +178,7 @@ async def update_function(function_id: str, body: FunctionUpdate, rt: RuntimeDep
     """Price and limits of one function; invocations already accepted keep their price snapshot."""
     async with rt.transaction() as session:
         fn = await catalog.update_function(session, function_id, **body.model_dump())
-        served = await catalog.served_function(session, fn.tenant_id, fn.name)
+        served = await functions.served_function(session, fn.tenant_id, fn.name)
     return FunctionOut.of(served)
 
 

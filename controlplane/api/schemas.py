@@ -4,16 +4,34 @@ with an exact decimal-dollar string beside it for people."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Generic, Literal, TypeVar
+from typing import Annotated, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
 from controlplane.db.models import AdapterArtifact, ApiKey, Backbone, Invocation, Tenant, Worker
 from controlplane.services import ledger
-from controlplane.services.catalog import ServedFunction
+from controlplane.services.functions import ServedFunction
+from lorafaas.http_errors import check_text
 
 T = TypeVar("T")
 Scope = Literal["invoke", "read-usage", "manage-functions"]
+
+# Bounds of every number a client may send: Postgres integer and bigint columns, and sums that
+# must stay inside bigint (price x tokens <= 10^12 x 2^20 < 2^63). Booleans are not numbers here.
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
+MAX_PRICE = 10**12  # micro-dollars per 1M tokens: $1M per 1M tokens
+MAX_TOKENS = 1 << 20  # per request; also the largest context a backbone may declare
+MAX_KEY_LIFETIME_S = 100 * 365 * 24 * 3600.0
+MAX_UNIX_S = 32_503_680_000  # 3000-01-01: times past it are typos, and year 10000 would overflow
+
+
+Text = Annotated[str, AfterValidator(check_text)]
+Price = Annotated[int, Field(strict=True, ge=0, le=MAX_PRICE, description="Micro-dollars per 1M tokens")]
+Int32 = Annotated[int, Field(strict=True, ge=0, le=INT32_MAX)]
+Int64 = Annotated[int, Field(strict=True, ge=0, le=INT64_MAX)]
+Tokens = Annotated[int, Field(strict=True, ge=1, le=MAX_TOKENS)]
+Positive32 = Annotated[int, Field(strict=True, ge=1, le=INT32_MAX)]
 
 
 def usd(picousd: int) -> str:
@@ -26,13 +44,13 @@ class Body(BaseModel):
 
 # --- tenants and keys -------------------------------------------------------------------
 class QuotaBody(Body):
-    tokens_per_minute: int | None = Field(default=None, ge=0)
-    max_concurrency: int | None = Field(default=None, ge=0)
-    monthly_spend_cap_picousd: int | None = Field(default=None, ge=0, description="1 USD = 10**12")
+    tokens_per_minute: Int64 | None = None
+    max_concurrency: Int32 | None = None
+    monthly_spend_cap_picousd: Int64 | None = Field(default=None, description="1 USD = 10**12")
 
 
 class TenantCreate(QuotaBody):
-    name: str = Field(min_length=1, max_length=128)
+    name: Text = Field(min_length=1, max_length=128)
 
 
 class TenantOut(BaseModel):
@@ -60,10 +78,21 @@ class TenantOut(BaseModel):
 
 
 class KeyCreate(Body):
-    name: str = Field(default="", max_length=128)
+    name: Text = Field(default="", max_length=128)
     scopes: list[Scope] = Field(default_factory=lambda: ["invoke", "read-usage", "manage-functions"], min_length=1)
-    expires_at: datetime | None = None
-    expires_in_s: float | None = Field(default=None, gt=0)
+    expires_at: AwareDatetime | None = Field(
+        default=None, description="With a time zone, e.g. 2027-01-01T00:00:00Z; before the year 3000"
+    )
+    expires_in_s: float | None = Field(
+        default=None, gt=0, le=MAX_KEY_LIFETIME_S, strict=True, allow_inf_nan=False, description="At most 100 years"
+    )
+
+    @field_validator("expires_at")
+    @classmethod
+    def _expires_in_range(cls, value: datetime | None) -> datetime | None:
+        if value is not None and not 0 <= value.timestamp() <= MAX_UNIX_S:
+            raise ValueError("must be between 1970 and the year 3000")
+        return value
 
 
 class KeyOut(BaseModel):
@@ -96,18 +125,22 @@ class KeyCreated(KeyOut):
 
 # --- backbones and functions ------------------------------------------------------------
 class BackboneDefaults(Body):
-    default_price_input_micros_per_1m: int | None = Field(default=None, ge=0)
-    default_price_output_micros_per_1m: int | None = Field(default=None, ge=0)
-    default_max_tokens: int | None = Field(default=None, ge=1)
-    default_max_queue: int | None = Field(default=None, ge=1)
-    aliases: list[str] | None = None
+    default_price_input_micros_per_1m: Price | None = None
+    default_price_output_micros_per_1m: Price | None = None
+    default_max_tokens: Tokens | None = None
+    default_max_queue: Positive32 | None = None
+    aliases: list[Annotated[Text, Field(min_length=1, max_length=256)]] | None = Field(default=None, max_length=64)
 
 
 class BackboneCreate(BackboneDefaults):
-    name: str = Field(min_length=1, max_length=128)
-    uri: str = Field(description="A local folder (uploaded to S3) or s3://bucket/prefix of a Hugging Face folder")
-    shape: dict | None = Field(default=None, description="Taken from config.json when omitted")
-    max_context: int | None = Field(default=None, ge=1)
+    name: Text = Field(min_length=1, max_length=128)
+    uri: Text = Field(
+        min_length=1,
+        max_length=1024,
+        description="A local folder (uploaded to S3) or s3://bucket/prefix of a Hugging Face folder",
+    )
+    shape: dict[str, Int32] | None = Field(default=None, description="Taken from config.json when omitted")
+    max_context: Tokens | None = None
 
 
 class BackboneOut(BaseModel):
@@ -139,10 +172,10 @@ class BackboneOut(BaseModel):
 
 
 class FunctionUpdate(Body):
-    price_input_micros_per_1m: int | None = Field(default=None, ge=0)
-    price_output_micros_per_1m: int | None = Field(default=None, ge=0)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_queue: int | None = Field(default=None, ge=1)
+    price_input_micros_per_1m: Price | None = None
+    price_output_micros_per_1m: Price | None = None
+    max_tokens: Tokens | None = None
+    max_queue: Positive32 | None = None
 
 
 class VersionOut(BaseModel):
@@ -207,7 +240,7 @@ class VersionsOut(BaseModel):
 
 
 class RollbackBody(Body):
-    version: int | None = Field(default=None, ge=1, description="Default: the version before the one served now")
+    version: Positive32 | None = Field(default=None, description="Default: the version before the one served now")
 
 
 # --- invocations, usage, bills ----------------------------------------------------------

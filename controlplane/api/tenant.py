@@ -11,10 +11,12 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi import APIRouter, File, Form, Path, Query, UploadFile
 
 from controlplane.api.deps import PrincipalDep, ReadSessionDep, RuntimeDep
 from controlplane.api.schemas import (
+    INT32_MAX,
+    MAX_UNIX_S,
     Amount,
     BillOut,
     FunctionOut,
@@ -29,21 +31,27 @@ from controlplane.api.schemas import (
     VersionsOut,
     usd,
 )
-from controlplane.services import catalog, invocations, ledger
+from controlplane.services import catalog, functions, invocations, ledger
 from controlplane.services.uploads import AdapterSource, staged
+from lorafaas.http_errors import error_responses
 
-router = APIRouter(prefix="/v1", tags=["tenant"])
+router = APIRouter(prefix="/v1", tags=["tenant"], responses=error_responses(400, 401, 403, 404, 503))
 
 MANAGE, READ_USAGE = "manage-functions", "read-usage"
+Version = Annotated[int, Path(ge=1, le=INT32_MAX)]
+
+
+def _unix(description: str, default: int | None = None):
+    return Query(default=default, ge=0, le=MAX_UNIX_S, description=description)
 
 
 # --- functions --------------------------------------------------------------------------
 @router.get("/functions", response_model=Page[FunctionOut])
 async def list_functions(principal: PrincipalDep, session: ReadSessionDep) -> Page[FunctionOut]:
-    return Page(data=[FunctionOut.of(s) for s in await catalog.list_functions(session, principal.tenant_id)])
+    return Page(data=[FunctionOut.of(s) for s in await functions.list_functions(session, principal.tenant_id)])
 
 
-@router.post("/functions", status_code=201, response_model=FunctionOut)
+@router.post("/functions", status_code=201, response_model=FunctionOut, responses=error_responses(409, 422))
 async def register_function(
     principal: PrincipalDep,
     rt: RuntimeDep,
@@ -76,7 +84,7 @@ async def register_function(
 
 @router.get("/functions/{name}", response_model=FunctionOut)
 async def get_function(name: str, principal: PrincipalDep, session: ReadSessionDep) -> FunctionOut:
-    return FunctionOut.of(await catalog.served_function(session, principal.tenant_id, name))
+    return FunctionOut.of(await functions.served_function(session, principal.tenant_id, name))
 
 
 @router.get("/functions/{name}/versions", response_model=VersionsOut)
@@ -86,12 +94,12 @@ async def list_versions(name: str, principal: PrincipalDep, session: ReadSession
 
 
 @router.get("/functions/{name}/versions/{version}", response_model=VersionOut)
-async def get_version(name: str, version: int, principal: PrincipalDep, session: ReadSessionDep) -> VersionOut:
+async def get_version(name: str, version: Version, principal: PrincipalDep, session: ReadSessionDep) -> VersionOut:
     function = await catalog.function_by_name(session, principal.tenant_id, name)
     return VersionOut.of(await catalog.get_version(session, principal.tenant_id, name, version), function.artifact_id)
 
 
-@router.post("/functions/{name}/rollback", response_model=FunctionOut)
+@router.post("/functions/{name}/rollback", response_model=FunctionOut, responses=error_responses(409))
 async def rollback(name: str, principal: PrincipalDep, rt: RuntimeDep, body: RollbackBody | None = None) -> FunctionOut:
     """Serve an older stored version (default: the previous one); the next invocation uses it."""
     principal.require(MANAGE)
@@ -107,8 +115,8 @@ async def list_invocations(
     session: ReadSessionDep,
     function: str | None = Query(default=None, description="function name"),
     state: str | None = Query(default=None, description="queued | running | succeeded | failed | cancelled"),
-    start_time: int | None = Query(default=None, description="Unix seconds, inclusive (accepted at)"),
-    end_time: int | None = Query(default=None, description="Unix seconds, exclusive"),
+    start_time: int | None = _unix("Unix seconds, inclusive (accepted at)"),
+    end_time: int | None = _unix("Unix seconds, exclusive"),
     limit: int = Query(default=50, ge=1, le=500),
 ) -> InvocationList:
     principal.require(READ_USAGE)
@@ -123,17 +131,17 @@ async def list_invocations(
 async def usage(
     principal: PrincipalDep,
     session: ReadSessionDep,
-    start_time: int = Query(description="Unix seconds, inclusive"),
-    end_time: int | None = Query(default=None, description="Unix seconds, exclusive (default: now)"),
+    start_time: int = Query(ge=0, le=MAX_UNIX_S, description="Unix seconds, inclusive"),
+    end_time: int | None = _unix("Unix seconds, exclusive (default: now)"),
     bucket_width: str = Query(default="1d", pattern="^(1h|1d)$"),
     group_by: str | None = Query(
-        default="function", pattern="^function$", description="'function', or omit for totals"
+        default=None, pattern="^function$", description="'function' for a result per function; omit for totals"
     ),
     function: str | None = Query(default=None, description="only this function"),
 ) -> UsagePage:
     """Usage per UTC hour or day, like OpenAI's usage API: invocations, input and output tokens, amount."""
     principal.require(READ_USAGE)
-    start, end = _ts(start_time), _ts(end_time) or datetime.now(UTC)
+    start, end = datetime.fromtimestamp(start_time, UTC), _ts(end_time) or datetime.now(UTC)
     buckets = ledger.bucket_starts(start, end, bucket_width)
     function_id = (await catalog.function_by_name(session, principal.tenant_id, function)).id if function else None
     rows = await ledger.usage_by_bucket(

@@ -1,10 +1,13 @@
-"""Backbones and functions: what each function is, which adapter version it serves, its price."""
+"""Backbones and functions: registration, versions, prices and limits.
+
+Reading a function as served (what the gateway does on every request) lives in
+``controlplane.services.functions``, which loads neither the adapter validator nor numpy.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from minio.error import S3Error
@@ -12,26 +15,12 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controlplane.db.models import AdapterArtifact, Backbone, Function
+from controlplane.services.functions import ServedFunction, served_function, valid_name
 from controlplane.services.validation import AdapterSpec, BackboneSpec, validate_adapter
 from lorafaas.artifacts import ArtifactStore, StoredArtifact, adapter_files, file_sha256, folder_digest, parse_s3_uri
 from lorafaas.errors import Conflict, InvalidInput, NotFound
 from lorafaas.names import adapter_prefix, backbone_prefix
 from lorafaas.settings import LimitSettings
-from lorafaas.wire import AdapterRef
-
-
-@dataclass(frozen=True)
-class ServedFunction:
-    """A function resolved for invocation: the row, the adapter version it serves, its backbone."""
-
-    function: Function
-    artifact: AdapterArtifact
-    backbone: Backbone
-
-    def adapter_ref(self) -> AdapterRef:
-        a = self.artifact
-        return AdapterRef(function_id=self.function.id, bucket=a.bucket, prefix=a.prefix, sha256=a.sha256, rank=a.rank)
-
 
 SHAPE_KEYS = (
     "hidden_size",
@@ -67,9 +56,10 @@ async def register_backbone_from(
         config = await asyncio.to_thread(_read_s3_config, store, uri)
     else:
         folder = Path(uri)
-        if not (folder / "config.json").is_file():
-            raise InvalidInput(f"{uri} is not a model folder with a config.json", param="uri")
-        config = json.loads((folder / "config.json").read_text())
+        try:
+            config = _config(uri, (folder / "config.json").read_bytes())
+        except OSError as e:  # missing, not a folder, a name too long, unreadable
+            raise InvalidInput(f"{uri} is not a model folder with a readable config.json", param="uri") from e
         await asyncio.to_thread(store.upload_folder, folder, backbone_prefix(name))
         uri = f"s3://{store.bucket}/{backbone_prefix(name)}"
     shape = shape or backbone_shape(config)
@@ -87,14 +77,26 @@ async def register_backbone_from(
     )
 
 
+def _config(uri: str, raw: bytes) -> dict:
+    try:
+        config = json.loads(raw)
+    except ValueError as e:
+        raise InvalidInput(f"{uri}/config.json is not valid JSON ({e})", param="uri") from e
+    if not isinstance(config, dict):
+        raise InvalidInput(f"{uri}/config.json is not a JSON object", param="uri")
+    return config
+
+
 def _read_s3_config(store: ArtifactStore, uri: str) -> dict:
     bucket, prefix = parse_s3_uri(uri)
     try:
         response = store.client.get_object(bucket, f"{prefix}/config.json")
     except S3Error as e:
         raise InvalidInput(f"{uri}/config.json cannot be read ({e.code})", param="uri") from e
+    except ValueError as e:  # the client refuses an invalid bucket or object name before asking
+        raise InvalidInput(f"{uri} is not a valid s3:// location ({e})", param="uri") from e
     try:
-        return json.loads(response.read())
+        return _config(uri, response.read())
     finally:
         response.close()
         response.release_conn()
@@ -161,7 +163,7 @@ async def register_function(
     upload is removed again (unless another version already uses the same content), so a
     refusal leaves nothing behind.
     """
-    if not name or len(name) > 128 or not all(c.isalnum() or c in "-_." for c in name):
+    if not valid_name(name):
         raise InvalidInput("function name must be 1-128 characters of letters, digits, '-', '_' or '.'")
     backbone = await backbone_by_name(session, backbone_name)
     spec = await asyncio.to_thread(validate_adapter, adapter_folder, await backbone_spec(session, backbone), limits)
@@ -234,32 +236,6 @@ async def _add_version(
     return artifact
 
 
-async def served_function(session: AsyncSession, tenant_id: str, name: str) -> ServedFunction:
-    """The tenant's function by name. Another tenant's function is 'not found', like a missing one."""
-    row = (
-        await session.execute(
-            select(Function, AdapterArtifact, Backbone)
-            .join(AdapterArtifact, AdapterArtifact.id == Function.artifact_id)
-            .join(Backbone, Backbone.id == Function.backbone_id)
-            .where(Function.tenant_id == tenant_id, Function.name == name)
-        )
-    ).first()
-    if row is None:
-        raise NotFound(f"function '{name}' not found", function=name)
-    return ServedFunction(*row)
-
-
-async def list_functions(session: AsyncSession, tenant_id: str) -> list[ServedFunction]:
-    rows = await session.execute(
-        select(Function, AdapterArtifact, Backbone)
-        .join(AdapterArtifact, AdapterArtifact.id == Function.artifact_id)
-        .join(Backbone, Backbone.id == Function.backbone_id)
-        .where(Function.tenant_id == tenant_id)
-        .order_by(Function.name)
-    )
-    return [ServedFunction(*row) for row in rows]
-
-
 async def list_versions(session: AsyncSession, tenant_id: str, name: str) -> tuple[Function, list[AdapterArtifact]]:
     """Every stored version of the tenant's function, oldest first."""
     function = await function_by_name(session, tenant_id, name)
@@ -327,19 +303,6 @@ async def update_function(
         function.max_queue = max_queue
     await session.flush()
     return function
-
-
-async def list_all_functions(session: AsyncSession, tenant_id: str | None = None) -> list[ServedFunction]:
-    """Every function (the operator's view), optionally of one tenant."""
-    query = (
-        select(Function, AdapterArtifact, Backbone)
-        .join(AdapterArtifact, AdapterArtifact.id == Function.artifact_id)
-        .join(Backbone, Backbone.id == Function.backbone_id)
-        .order_by(Function.tenant_id, Function.name)
-    )
-    if tenant_id is not None:
-        query = query.where(Function.tenant_id == tenant_id)
-    return [ServedFunction(*row) for row in await session.execute(query)]
 
 
 async def list_backbones(session: AsyncSession) -> list[Backbone]:

@@ -7,18 +7,19 @@ UPDATE, so a repeated event (JetStream redelivery, a second worker) changes noth
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 from sqlalchemy import JSON, bindparam, func, insert, select, true, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from controlplane import callbacks
 from controlplane.db.models import IN_FLIGHT, Invocation, InvocationState, new_id
-from controlplane.services.catalog import ServedFunction
-from lorafaas.errors import InvalidInput, NotFound
+from controlplane.services.functions import ServedFunction
+from lorafaas.errors import Conflict, InvalidInput, NotFound
 from lorafaas.wire import InvocationMode, InvocationResult, SamplingParams, Started
 
 TERMINAL = [InvocationState.SUCCEEDED, InvocationState.FAILED, InvocationState.CANCELLED]
+# States of a callback delivery (``invocations.callback_state``): pending -> delivered | failed.
+CALLBACK_PENDING, CALLBACK_DELIVERED, CALLBACK_FAILED = "pending", "delivered", "failed"
 
 
 # What an invocation is recorded with when accepted; the rest is filled in as it runs.
@@ -109,7 +110,7 @@ async def accept(
         "price_input_micros_per_1m": fn.price_input_micros_per_1m,
         "price_output_micros_per_1m": fn.price_output_micros_per_1m,
         "callback_url": callback_url,
-        "callback_state": callbacks.PENDING if callback_url else None,
+        "callback_state": CALLBACK_PENDING if callback_url else None,
         "callback_attempts": [] if callback_url else None,
         "queue_limit": queue_limit if queue_limit is not None else 2**31 - 1,  # None: no limit
     }
@@ -123,6 +124,38 @@ async def get_for_tenant(session: AsyncSession, tenant_id: str, invocation_id: s
     )
     if invocation is None:
         raise NotFound(f"invocation {invocation_id} not found")
+    return invocation
+
+
+async def get(session: AsyncSession, invocation_id: str) -> Invocation:
+    """One invocation by id, whoever owns it: for callers that hold an id they issued themselves."""
+    invocation = await session.get(Invocation, invocation_id)
+    if invocation is None:
+        raise NotFound(f"invocation {invocation_id} not found")
+    return invocation
+
+
+async def by_idempotency_key(session: AsyncSession, tenant_id: str, key: str) -> Invocation | None:
+    """The tenant's invocation recorded with this Idempotency-Key, if any."""
+    return await session.scalar(
+        select(Invocation).where(Invocation.tenant_id == tenant_id, Invocation.idempotency_key == key)
+    )
+
+
+async def release_idempotency_key(session: AsyncSession, invocation_id: str) -> None:
+    """Free an expired Idempotency-Key so that it may name a new invocation."""
+    await session.execute(update(Invocation).where(Invocation.id == invocation_id).values(idempotency_key=None))
+
+
+async def request_cancel(session: AsyncSession, tenant_id: str, invocation_id: str) -> Invocation:
+    """Mark the tenant's invocation as asked to cancel (409 once it finished); the worker or caller settles it."""
+    invocation = await get_for_tenant(session, tenant_id, invocation_id)
+    if InvocationState(invocation.state).terminal:
+        raise Conflict(
+            f"invocation {invocation_id} already {invocation.state}; nothing to cancel", state=invocation.state
+        )
+    invocation.cancel_requested_at = invocation.cancel_requested_at or datetime.now(UTC)
+    await session.flush()
     return invocation
 
 

@@ -7,7 +7,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -132,3 +132,21 @@ async def set_tenant_status(session: AsyncSession, tenant_id: str, status: Tenan
 async def list_api_keys(session: AsyncSession, tenant_id: str) -> list[ApiKey]:
     await get_tenant(session, tenant_id)
     return list(await session.scalars(select(ApiKey).where(ApiKey.tenant_id == tenant_id).order_by(ApiKey.created_at)))
+
+
+async def ensure_callback_secret(session: AsyncSession, tenant_id: str) -> str:
+    """The tenant's secret for signing callbacks, made on first use (race-safe: the first writer wins)."""
+    await session.execute(
+        update(Tenant)
+        .where(Tenant.id == tenant_id, Tenant.callback_secret.is_(None))
+        .values(callback_secret="whsec_" + secrets.token_hex(24))
+    )
+    secret = await session.scalar(select(Tenant.callback_secret).where(Tenant.id == tenant_id))
+    if secret is None:
+        raise NotFound(f"tenant {tenant_id} not found")
+    return secret
+
+
+async def callback_secret(session: AsyncSession, tenant_id: str) -> str | None:
+    """The tenant's callback secret, or None before its first async invocation with a callback."""
+    return await session.scalar(select(Tenant.callback_secret).where(Tenant.id == tenant_id))

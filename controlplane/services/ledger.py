@@ -133,7 +133,7 @@ class Bill:
 
 def month_range(year: int, month: int) -> tuple[datetime, datetime]:
     if not 1 <= month <= 12:
-        raise InvalidInput(f"month must be 1..12, got {month}")
+        raise InvalidInput(f"month must be 1..12, got {month}", param="period")
     start = datetime(year, month, 1, tzinfo=UTC)
     end = datetime(year + month // 12, month % 12 + 1, 1, tzinfo=UTC)
     return start, end
@@ -368,11 +368,16 @@ async def margin_report(
     )
 
 
+FIRST_YEAR, LAST_YEAR = 1970, 9998  # a bill's period ends a month later: still a valid date
+
+
 def month_of(period: str) -> tuple[int, int]:
-    """``YYYY-MM`` -> (year, month), refusing anything else."""
+    """``YYYY-MM`` -> (year, month), refusing anything else (and years a date cannot hold)."""
     try:
         year, month = (int(x) for x in period.split("-"))
     except ValueError as e:
-        raise InvalidInput(f"period must be YYYY-MM, got {period!r}") from e
+        raise InvalidInput(f"period must be YYYY-MM, got {period[:32]!r}", param="period") from e
+    if not FIRST_YEAR <= year <= LAST_YEAR:
+        raise InvalidInput(f"period must be between {FIRST_YEAR}-01 and {LAST_YEAR}-12, got {year}", param="period")
     month_range(year, month)
     return year, month

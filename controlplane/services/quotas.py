@@ -92,7 +92,8 @@ async def _check_spend(session: AsyncSession, quota: TenantQuota, now: datetime)
     cap = quota.monthly_spend_cap_picousd
     if int(spent) >= cap:
         raise PaymentRequired(
-            f"monthly spend cap of ${picousd_to_usd(cap)} reached (${picousd_to_usd(int(spent))} spent in {now:%Y-%m}); "
+            f"monthly spend cap of ${picousd_to_usd(cap)} reached "
+            f"(${picousd_to_usd(int(spent))} spent in {now:%Y-%m}); "
             "new invocations are refused until the cap is raised or the month ends",
             spent_picousd=int(spent),
             cap_picousd=cap,
@@ -143,7 +144,8 @@ async def _check_tokens(session: AsyncSession, quota: TenantQuota, requested: in
         oldest = min((t for t in (oldest_used, oldest_reserved) if t is not None), default=now)
         retry = max(1.0, (oldest + WINDOW - now).total_seconds())
         raise QuotaExceeded(
-            f"{total} tokens used or reserved in the last minute; this request's {requested} would pass the limit of {limit} tokens per minute",
+            f"{total} tokens used or reserved in the last minute; "
+            f"this request's {requested} would pass the limit of {limit} tokens per minute",
             retry_after_s=retry,
             limit="tokens_per_minute",
         )

@@ -12,7 +12,7 @@ import pytest
 from fastapi import FastAPI
 
 from controlplane.db.session import make_engine, make_sessionmaker
-from controlplane.services import catalog, invocations, ledger
+from controlplane.services import functions, invocations, ledger
 from gateway.quotas import QuotaGuard
 from launcher.platform import admin
 from lorafaas import wire
@@ -31,7 +31,7 @@ async def _accept(settings: Settings, tenant_id: str, guard: QuotaGuard, max_tok
     try:
         async with make_sessionmaker(engine).begin() as session:
             await guard.check(session, await guard.quota(session, tenant_id), max_tokens)
-            served = await catalog.served_function(session, tenant_id, "fn")
+            served = await functions.served_function(session, tenant_id, "fn")
             row = await invocations.accept(
                 session, served, "hi", wire.SamplingParams(max_tokens=max_tokens), wire.InvocationMode.SYNC
             )
@@ -42,7 +42,7 @@ async def _accept(settings: Settings, tenant_id: str, guard: QuotaGuard, max_tok
 
 async def _finish(settings: Settings, tenant_id: str, invocation_id: str, tokens: int) -> None:
     async with admin(settings) as a:
-        served = await catalog.served_function(a.session, tenant_id, "fn")
+        served = await functions.served_function(a.session, tenant_id, "fn")
         await invocations.apply_result(
             a.session, wire.InvocationResult(invocation_id=invocation_id, status=wire.ResultStatus.SUCCEEDED)
         )

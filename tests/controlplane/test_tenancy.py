@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from sqlalchemy import select
 
 from controlplane.db.models import UsageRecord
-from controlplane.services import catalog, invocations, ledger
+from controlplane.services import functions, invocations, ledger
 from launcher.platform import admin
 from lorafaas import wire
 from lorafaas.names import Names
@@ -59,7 +59,7 @@ async def _invoke_and_settle(
 ) -> str:
     """An accepted invocation with its usage recorded, as the event consumer would leave it."""
     async with admin(settings) as a:
-        served = await catalog.served_function(a.session, tenant_id, name)
+        served = await functions.served_function(a.session, tenant_id, name)
         row = await invocations.accept(
             a.session, served, "hi", wire.SamplingParams(max_tokens=4), wire.InvocationMode.SYNC
         )
