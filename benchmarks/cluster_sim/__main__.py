@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             or args.start_rps_per_worker * args.compare_n
         )
         same: dict[str, Any] = {}
-        cdf: dict[str, list[float]] = {}
+        cdf: dict[str, list[float | None]] = {}
         for system in args.systems:
             progress.update(task, description=f"same load {system} N={args.compare_n}")
             res = run_once(spec, system, args.compare_n, base)
