@@ -49,7 +49,7 @@ from controlplane.scheduler.model import (
 )
 from controlplane.scheduler.reroute import Rerouter
 from controlplane.scheduler.view import ClusterTracker, ReportedDemand, adapter_spec
-from controlplane.services import catalog as catalog_service
+from controlplane.services import functions as function_service
 from lorafaas import wire
 from lorafaas.names import Names
 from lorafaas.settings import Settings
@@ -198,7 +198,7 @@ class SchedulerLoop:
             return
         try:
             async with self.sessions() as session:
-                served = await catalog_service.list_all_functions(session)
+                served = await function_service.list_all_functions(session)
         except (OperationalError, DBAPIError, OSError) as e:  # Postgres away: plan on the last catalog
             log.warning("catalog refresh failed, planning on the last one: %s", e)
             return
