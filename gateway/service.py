@@ -28,7 +28,7 @@ from gateway.db import GuardedSessions
 from gateway.dispatch import Dispatcher, Watch
 from gateway.metrics import GatewayMetrics
 from gateway.quotas import QuotaGuard
-from gateway.schemas import CallbackStatus, InvocationStatus, InvokeRequest, InvokeResponse, Usage
+from gateway.schemas import CallbackAttempt, CallbackStatus, InvocationStatus, InvokeRequest, InvokeResponse, Usage
 from gateway.tokens import TokenCounter
 from lorafaas import wire
 from lorafaas.errors import InvocationTimeout, LorafaasError, NotFound, ServiceUnavailable, error_for_code
@@ -130,6 +130,7 @@ class InvocationService:
                 return await self._record(connection, principal, served, quota, req, started)
         async with self.sessions.begin() as session:
             if key is not None:
+                assert digest is not None  # the request's digest is computed whenever a key is given
                 replay = await admission.idempotent_replay(
                     session, principal.tenant_id, key, digest, self.settings.limits.idempotency_ttl_s
                 )
@@ -156,6 +157,7 @@ class InvocationService:
         prompt_tokens = await self.tokens.count(served.backbone.name, served.backbone.uri, req.prompt)
         admission.check_limits(served, self.settings.limits, req.prompt, req.max_tokens, prompt_tokens)
         if quota is not None:  # 402 past the spend cap, 429 past tokens/minute or concurrency
+            assert self.quotas is not None  # a tenant quota is only read when the guard exists
             await self.quotas.check(session, quota, (prompt_tokens or 0) + req.max_tokens)
         sampling = wire.SamplingParams(
             max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=req.stop
@@ -176,6 +178,7 @@ class InvocationService:
             admitted.queue_depth + (admitted.id is not None)
         )
         admission.check_queue(served, admitted.queue_depth, limit)
+        assert admitted.id is not None  # check_queue raised if the queue refused it
         invocation = wire.Invocation(
             invocation_id=admitted.id,
             tenant_id=principal.tenant_id,
@@ -196,6 +199,7 @@ class InvocationService:
             if InvocationState(row.state).terminal:
                 return result_of(row)
             return await self.dispatcher.published_result(accepted.invocation_id)
+        assert accepted.invocation is not None  # every accepted invocation but a replay carries its message
         try:
             await self.dispatcher.publish(accepted.invocation)
         except ServiceUnavailable as e:  # never published: nothing will answer it
@@ -374,7 +378,7 @@ def result_of(row: Invocation) -> wire.InvocationResult:
         worker_id=row.worker_id or "",
         timings=wire.Timings(**(row.timings or {})),
         first_token_at=row.first_token_at,
-        finished_at=row.finished_at,
+        finished_at=row.finished_at or wire.utcnow(),  # a terminal row has its time; now only as a guard
     )
 
 
@@ -389,7 +393,7 @@ def status_of(row: Invocation) -> InvocationStatus:
         callback = CallbackStatus(
             url=row.callback_url,
             state=row.callback_state or invocations.CALLBACK_PENDING,
-            attempts=row.callback_attempts or [],
+            attempts=[CallbackAttempt.model_validate(a) for a in row.callback_attempts or []],
         )
     return InvocationStatus(
         id=row.id,

@@ -4,7 +4,7 @@ with an exact decimal-dollar string beside it for people."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Generic, Literal, TypeVar
+from typing import Annotated, Generic, Literal, TypeVar, get_args
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
@@ -79,7 +79,7 @@ class TenantOut(BaseModel):
 
 class KeyCreate(Body):
     name: Text = Field(default="", max_length=128)
-    scopes: list[Scope] = Field(default_factory=lambda: ["invoke", "read-usage", "manage-functions"], min_length=1)
+    scopes: list[Scope] = Field(default_factory=lambda: list(get_args(Scope)), min_length=1)
     expires_at: AwareDatetime | None = Field(
         default=None, description="With a time zone, e.g. 2027-01-01T00:00:00Z; before the year 3000"
     )
