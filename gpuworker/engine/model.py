@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from typing import TYPE_CHECKING, cast
 
 import torch
@@ -29,8 +28,9 @@ from .lora_ops import LoraBatch
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
-# Attention over (q, k, v) rows -> [rows, heads * head_dim]; prefill and decode each bind one.
-Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# Layer i's attention over (q, k, v) rows -> [rows, heads * head_dim]; prefill and decode each
+# define one per forward.
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -160,8 +160,12 @@ class LlamaRunner:
         positions = torch.arange(n, device=self.device)
         x = self.embed[token_ids]
         cos, sin = self.rotary(x, positions[None])  # [1, T, D]
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return self._prefill_attn(i, slot, q, k, v, cos, sin)
+
         for i, w in enumerate(self.layers):
-            x = self._layer(i, w, x, lora, partial(self._prefill_attn, i, slot, cos=cos, sin=sin))
+            x = self._layer(i, w, x, lora, attend)
         return self._logits(x[-1:])[0]
 
     def decode(
@@ -189,8 +193,12 @@ class LlamaRunner:
         heads = torch.arange(self.num_kv_heads, device=self.device)
         kv_rows = ((slots[:, None] * self.num_kv_heads + heads) * self.max_seq_len + positions[:, None]).view(-1)
         step = _DecodeStep(kv_rows, slots, inverse, max_len, mask, cos[:, None], sin[:, None])
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return self._decode_attn(i, step, q, k, v)
+
         for i, w in enumerate(self.layers):
-            x = self._layer(i, w, x, lora, partial(self._decode_attn, i, step))
+            x = self._layer(i, w, x, lora, attend)
         return self._logits(x)
 
     def _layer(self, i: int, w: LayerWeights, x: torch.Tensor, lora: LoraBatch, attend: Attend) -> torch.Tensor:
@@ -198,7 +206,7 @@ class LlamaRunner:
         b = w.biases
         q, k, v = F.linear(h, w.q, b["q"]), F.linear(h, w.k, b["k"]), F.linear(h, w.v, b["v"])
         lora.apply(i, "qkv", h, {"q_proj": q, "k_proj": k, "v_proj": v})
-        attn = attend(q, k, v)
+        attn = attend(i, q, k, v)
         o = F.linear(attn, w.o, b["o"])
         lora.apply(i, "o", attn, {"o_proj": o})
         x = x + o
