@@ -185,7 +185,8 @@ def print_table(result: dict) -> None:
     console.print(table)
     verdict = "meets" if result["overhead_p50_ms"] <= 5 else "MISSES"
     console.print(
-        f"admitted async invocations: {result['admitted_per_s']:.1f}/s at concurrency {result['concurrency']}; overhead p50 {verdict} the 5 ms target"
+        f"admitted async invocations: {result['admitted_per_s']:.1f}/s at concurrency {result['concurrency']}; "
+        f"overhead p50 {verdict} the 5 ms target"
     )
 
 

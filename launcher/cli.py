@@ -128,7 +128,8 @@ def _bill(settings: Settings, args: argparse.Namespace) -> None:
     result = asyncio.run(bill(settings, args.tenant_id, year, month))
     for line in result.lines:
         print(
-            f"{line.function_name:24} {line.invocations:8d} inv {line.input_tokens:10d} in {line.output_tokens:10d} out  ${picousd_to_usd(line.amount_picousd)}"
+            f"{line.function_name:24} {line.invocations:8d} inv {line.input_tokens:10d} in "
+            f"{line.output_tokens:10d} out  ${picousd_to_usd(line.amount_picousd)}"
         )
     print(f"{'total':24} ${picousd_to_usd(result.total_picousd)}")
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from minio.helpers import ProgressType
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controlplane.db.migrate import prepare_database
@@ -95,7 +96,7 @@ async def register_function(
     adapter_dir: Path,
     price_in: int | None,
     price_out: int | None,
-    progress: object | None = None,
+    progress: ProgressType | None = None,
 ) -> functions.ServedFunction:
     async with admin(settings) as a:
         return await catalog.register_function(

@@ -101,14 +101,17 @@ def describe(path: Path, scale: TraceScaling, requests: list[TraceRequest]) -> s
     for r in requests:
         counts[r.function_index] += 1
     return (
-        f"trace {Path(path).name}: slice [{scale.start_s:g}s, {scale.start_s + scale.duration_s:g}s) -> {len(requests)} requests; "
-        f"time x{scale.time_scale:g}; tokens x{scale.token_scale:g} capped at prompt {scale.max_prompt_tokens} / output "
-        f"{scale.max_output_tokens} (min {scale.min_tokens}); assigned to {scale.functions} functions by Zipf(s={scale.zipf_s:g}, "
-        f"seed={scale.seed}): requests per function {counts}"
+        f"trace {Path(path).name}: slice [{scale.start_s:g}s, {scale.start_s + scale.duration_s:g}s) "
+        f"-> {len(requests)} requests; time x{scale.time_scale:g}; tokens x{scale.token_scale:g} capped at "
+        f"prompt {scale.max_prompt_tokens} / output {scale.max_output_tokens} (min {scale.min_tokens}); "
+        f"assigned to {scale.functions} functions by Zipf(s={scale.zipf_s:g}, seed={scale.seed}): "
+        f"requests per function {counts}"
     )
 
 
-_WORDS = "the quick brown fox jumps over the lazy dog serverless inference runs many functions on one shared backbone".split()
+_WORDS = (
+    "the quick brown fox jumps over the lazy dog serverless inference runs many functions on one shared backbone"
+).split()
 
 
 def synthetic_prompt(tokens: int, seed: int) -> str:
