@@ -214,6 +214,13 @@ def comparisons(results: dict[str, dict]) -> dict[str, float]:
         )
         out["throughput_vs_reactive"] = ours["throughput_tokens_per_s"] / max(1e-9, r["throughput_tokens_per_s"])
         out["ttft_p50_reduction_vs_reactive"] = reduction(ours["ttft_p50_s"], r["ttft_p50_s"])
+    if ours and "rank-oblivious" in results:
+        b = results["rank-oblivious"]
+        out["ttft_p99_reduction_vs_rank_oblivious"] = reduction(ours["ttft_p99_s"], b["ttft_p99_s"])
+        out["adapter_load_reduction_vs_rank_oblivious"] = reduction(
+            ours.get("adapter_loads", 0), b.get("adapter_loads", 0)
+        )
+        out["throughput_vs_rank_oblivious"] = ours["throughput_tokens_per_s"] / max(1e-9, b["throughput_tokens_per_s"])
     return out
 
 
@@ -234,6 +241,9 @@ def print_table(results: dict[str, dict]) -> None:
         ("cost per 1M tokens (USD)", lambda m: f"{m['cost_per_1m_tokens_usd']:.4f}"),
         ("peak worker memory (MiB)", lambda m: f"{m['peak_memory_bytes'] / 2**20:.0f}"),
         ("completed / failed", lambda m: f"{m['completed']} / {m['failed']}"),
+        ("adapter loads (host->device)", lambda m: f"{m.get('adapter_loads', 0):.0f}"),
+        ("spill-overs / re-routes", lambda m: f"{m.get('spill_overs', 0):.0f} / {m.get('rerouted', 0):.0f}"),
+        ("peer fetches", lambda m: f"{m.get('peer_fetches', 0):.0f}"),
     ]
     for label, fmt in rows:
         table.add_row(label, *(fmt(m) for m in results.values()))
@@ -268,7 +278,7 @@ def write_plots(out_dir: Path, per_system: dict[str, list[RequestRecord]], resul
     ax.bar(
         list(results),
         [m["cost_per_1m_tokens_usd"] for m in results.values()],
-        color=["tab:green", "tab:red", "tab:orange"][: len(results)],
+        color=["tab:green", "tab:red", "tab:orange", "tab:blue"][: len(results)],
     )
     ax.set_ylabel("USD per 1M tokens")
     ax.set_title("cost per 1M tokens")
@@ -340,7 +350,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent of function popularity")
     p.add_argument("--ranks", default="8,16,32,64,128", help="rank mix each function's rank is drawn from")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=1, help="shared-backbone workers (lorafaas, reactive)")
+    p.add_argument(
+        "--workers", type=int, default=1, help="shared-backbone workers (lorafaas, reactive, rank-oblivious)"
+    )
     p.add_argument("--shape", default="demo", help="backbone shape (tiny, demo, small, llama-7b)")
     p.add_argument(
         "--pool-fraction",
@@ -409,11 +421,12 @@ async def run(args: argparse.Namespace) -> dict:
             try:
                 await system.start()
                 records, start, end = await replay_system(system, requests, functions, args.seed)
-                await asyncio.sleep(1.0)  # let the control plane apply the last results
+                await asyncio.sleep(1.5)  # let the control plane apply the last results and reports
                 await attach_load_times(system, records)
+                counters = await system.counters()
             finally:
                 await system.stop()
-            results[name] = summarize(system, records, start, end, args)
+            results[name] = summarize(system, records, start, end, args) | counters
             per_system[name] = records
             failures = [r for r in records if not r.ok][:3]
             for r in failures:

@@ -8,6 +8,12 @@
 - ``dedicated``: the serverless-LLM baseline ServerlessLoRA beats: every function gets its own
   backbone copy (its own worker process and work queue), started on its first request and
   stopped after an idle timeout.
+- ``rank-oblivious``: the baseline LoRAServe beats, with ``--workers N``: one shared queue every
+  worker pulls, adapters placed on workers at random (``placement.rank_oblivious_plan``) and
+  prefetched there; any worker may get any function and loads what it lacks.
+
+With ``--workers`` above 1, ``lorafaas`` runs its scheduler: rank-aware placement, prefetch of
+each worker's placements before it takes traffic, and affinity routing with spill-over.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import nats
 
 from launcher.devstack import free_port
@@ -34,7 +41,7 @@ from lorafaas import wire
 from lorafaas.names import Names
 from lorafaas.settings import Settings
 
-SYSTEMS = ("lorafaas", "dedicated", "reactive")
+SYSTEMS = ("lorafaas", "dedicated", "reactive", "rank-oblivious")
 
 
 @dataclass(frozen=True)
@@ -83,10 +90,12 @@ class System:
 
     def __init__(self, base: Settings, setup: ReplaySetup, workdir: Path) -> None:
         suffix = uuid.uuid4().hex[:6]
-        db_url = base.database.url.rsplit("/", 1)[0] + f"/lorafaas_bench_{self.name}"
+        token = self.name.replace("-", "")
+        # A database of its own per run: replays of several sessions may share one Postgres.
+        db_url = base.database.url.rsplit("/", 1)[0] + f"/lorafaas_bench_{token}_{suffix}"
         self.settings = base.model_copy(
             update={
-                "nats": base.nats.model_copy(update={"prefix": f"bench{self.name}{suffix}"}),
+                "nats": base.nats.model_copy(update={"prefix": f"bench{token}{suffix}"}),
                 "database": base.database.model_copy(update={"url": db_url}),
                 "gateway_port": free_port(),
                 "controlplane_port": free_port(),
@@ -105,11 +114,12 @@ class System:
     def url(self) -> str:
         return f"http://{self.settings.gateway_host}:{self.settings.gateway_port}"
 
-    def worker_env(self, backbone: str, host_cache: bool = True) -> dict[str, str]:
+    def worker_env(self, backbone: str, worker_id: str, host_cache: bool = True) -> dict[str, str]:
         env = {
             "LORAFAAS_WORKER__BACKBONE": backbone,
             "LORAFAAS_WORKER__BACKBONE_URI": str(self.setup.backbone_dir),
-            "LORAFAAS_WORKER__CACHE_DIR": str(self.workdir / "cache"),
+            # Each worker its own disk cache, as on separate machines.
+            "LORAFAAS_WORKER__CACHE_DIR": str(self.workdir / "cache" / worker_id),
             "LORAFAAS_WORKER__POOL_PAGES": str(self.setup.pool_pages),
             "LORAFAAS_WORKER__MAX_BATCH": str(self.setup.max_batch),
         }
@@ -146,14 +156,19 @@ class System:
         return "bench"
 
     async def start_workers(self) -> None:
-        for i in range(self.setup.workers):
-            await self.spawn_worker(f"{self.name}-w{i}", "bench", wait=True)
+        """All at once: they join together, so the first placement round sees them all."""
+        ids = [f"{self.name}-w{i}" for i in range(self.setup.workers)]
+        for worker_id in ids:
+            await self.spawn_worker(worker_id, "bench", wait=False)
+        for worker_id in ids:
+            await wait_for_worker(self.settings, worker_id, timeout_s=900)
+            self.lives[worker_id].ready = time.monotonic()
 
     async def spawn_worker(self, worker_id: str, backbone: str, wait: bool, host_cache: bool = True) -> None:
         self.lives[worker_id] = WorkerLife(started=time.monotonic())
-        self.procs.start_worker(worker_id, self.worker_env(backbone, host_cache))
+        self.procs.start_worker(worker_id, self.worker_env(backbone, worker_id, host_cache))
         if wait:
-            await wait_for_worker(self.settings, worker_id, timeout_s=300)
+            await wait_for_worker(self.settings, worker_id, timeout_s=900)
             self.lives[worker_id].ready = time.monotonic()
 
     async def stop(self) -> None:
@@ -163,6 +178,7 @@ class System:
         for life in self.lives.values():
             life.stopped = life.stopped or now
         await asyncio.to_thread(self.procs.stop_all)
+        await self._drop_database()
 
     async def _drop_database(self) -> None:
         import asyncpg
@@ -192,6 +208,31 @@ class System:
     def after_request(self, function_index: int, now: float) -> None:
         """Called when a request finishes (the dedicated system's idle clock starts here)."""
 
+    async def counters(self) -> dict[str, float]:
+        """Scheduler counters at the end of a run: adapter loads and peer fetches (the workers'
+        reports, via the control plane), spill-overs and shared-queue routes (the gateway), re-routes."""
+        s = self.settings
+        out = {"adapter_loads": 0.0, "peer_fetches": 0.0, "spill_overs": 0.0, "rerouted": 0.0}
+        try:
+            async with httpx.AsyncClient(timeout=10) as c:
+                placement = (
+                    await c.get(
+                        f"http://{s.controlplane_host}:{s.controlplane_port}/admin/placement",
+                        headers={"Authorization": f"Bearer {s.admin_token}"},
+                    )
+                ).json()
+                metrics = (await c.get(f"{self.url}/metrics")).text
+        except (httpx.HTTPError, ValueError):
+            return out
+        for worker in placement.get("workers", {}).values():
+            out["adapter_loads"] += worker.get("adapter_loads", 0)
+            out["peer_fetches"] += worker.get("peer_fetches", 0)
+        out["rerouted"] = float(placement.get("rerouted", 0))
+        for line in metrics.splitlines():
+            if line.startswith("lorafaas_gateway_routes_total") and 'outcome="spill"' in line:
+                out["spill_overs"] += float(line.rsplit(" ", 1)[1])
+        return out
+
     def device_seconds(self, start: float, end: float) -> float:
         """Device time held during [start, end]: each worker is one accelerator."""
         held = 0.0
@@ -206,7 +247,8 @@ class LorafaasSystem(System):
 
     async def start_workers(self) -> None:
         await super().start_workers()
-        await self.preload()
+        if self.setup.workers == 1:  # with more, the scheduler places and prefetches before traffic
+            await self.preload()
 
     async def preload(self) -> None:
         """ServerlessLoRA's comprehensive pre-loading: every adapter onto every worker, warmed up."""
@@ -315,7 +357,23 @@ class DedicatedSystem(System):
         await super().stop()
 
 
+class RankObliviousSystem(System):
+    """LoRAServe's baseline: a shared queue, adapters placed (and prefetched) at random."""
+
+    name = "rank-oblivious"
+
+    def __init__(self, base: Settings, setup: ReplaySetup, workdir: Path) -> None:
+        super().__init__(base, setup, workdir)
+        scheduler = self.settings.scheduler.model_copy(update={"policy": "rank-oblivious", "routing": "shared"})
+        self.settings = self.settings.model_copy(update={"scheduler": scheduler})
+        self.procs = PlatformProcesses(self.settings, self.workdir)
+
+
 def make_system(name: str, base: Settings, setup: ReplaySetup, workdir: Path) -> System:
-    return {"lorafaas": LorafaasSystem, "reactive": ReactiveSystem, "dedicated": DedicatedSystem}[name](
-        base, setup, workdir
-    )
+    systems: dict[str, type[System]] = {
+        "lorafaas": LorafaasSystem,
+        "reactive": ReactiveSystem,
+        "dedicated": DedicatedSystem,
+        "rank-oblivious": RankObliviousSystem,
+    }
+    return systems[name](base, setup, workdir)

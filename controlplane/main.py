@@ -11,7 +11,7 @@ import nats
 from fastapi import FastAPI
 
 from controlplane import dashboard
-from controlplane.api import admin, tenant
+from controlplane.api import admin, scheduler, tenant
 from controlplane.api.deps import ControlPlaneRuntime
 from controlplane.callbacks import CallbackDispatcher
 from controlplane.db.errors import DATABASE_ERRORS, domain_error
@@ -19,6 +19,7 @@ from controlplane.db.session import make_engine, make_sessionmaker
 from controlplane.deadletters import DeadLetterMover
 from controlplane.events import EventConsumer
 from controlplane.registry import WorkerRegistry
+from controlplane.scheduler.loop import SchedulerLoop
 from lorafaas.artifacts import ArtifactStore
 from lorafaas.http_errors import document_errors, install_error_handlers
 from lorafaas.names import Names
@@ -53,6 +54,11 @@ def create_app(settings: Settings) -> FastAPI:
             asyncio.create_task(consumer.run(), name="event-consumer"),
             asyncio.create_task(registry.run(), name="worker-registry"),
         ]
+        app.state.scheduler = None
+        if settings.scheduler.enabled:  # the deciding half: placement, routing table, lifecycle
+            app.state.scheduler = SchedulerLoop(nc, js, sessions, names, settings)
+            await app.state.scheduler.start()
+            tasks.append(asyncio.create_task(app.state.scheduler.run(), name="scheduler"))
         app.state.sessions, app.state.nc, app.state.consumer, app.state.registry = sessions, nc, consumer, registry
         app.state.runtime = ControlPlaneRuntime(settings, sessions, ArtifactStore(settings.s3), nc, names)
         try:
@@ -60,7 +66,11 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             consumer.stop()
             registry.stop()
+            if app.state.scheduler is not None:
+                app.state.scheduler.stop()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if app.state.scheduler is not None:
+                await app.state.scheduler.close()
             await deadletters.stop()
             await callbacks.close()
             await nc.close()
@@ -70,6 +80,7 @@ def create_app(settings: Settings) -> FastAPI:
     install_error_handlers(app, domain_error, DATABASE_ERRORS)
     app.include_router(admin.router)
     app.include_router(tenant.router)
+    app.include_router(scheduler.router)
     document_errors(app)
     dashboard.mount(app)
 

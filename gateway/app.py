@@ -18,6 +18,7 @@ from gateway.dispatch import Dispatcher
 from gateway.metrics import GatewayMetrics
 from gateway.openai_routes import router as openai_router
 from gateway.quotas import QuotaGuard
+from gateway.router import PlacementRouter
 from gateway.routes import router
 from gateway.service import InvocationService
 from gateway.tokens import TokenCounter
@@ -80,9 +81,11 @@ def create_app(settings: Settings) -> FastAPI:
         await quota_guard.listen(nc, names)
         key_cache = KeyCache(settings.controlplane.key_cache_ttl_s)
         await key_cache.listen(nc, names)
+        router = PlacementRouter(js, names, settings.scheduler, metrics.registry)
+        await router.start()
         service = InvocationService(
             GuardedSessions(engine),
-            Dispatcher(nc, js, names),
+            Dispatcher(nc, js, names, router),
             settings,
             TokenCounter(ArtifactStore(settings.s3)),
             metrics,
@@ -92,6 +95,7 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             yield
         finally:
+            await router.stop()
             await nc.close()
             await engine.dispose()
 

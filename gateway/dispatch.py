@@ -19,6 +19,7 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js.errors import NoStreamResponseError, NotFoundError
 
+from gateway.router import PlacementRouter
 from lorafaas.errors import InvocationTimeout, ServiceUnavailable
 from lorafaas.names import MSG_ID_HEADER, Names, cancel_msg_id, invocation_msg_id, result_msg_id
 from lorafaas.wire import CancelRequest, Invocation, InvocationResult, TokenChunk, WireMessage
@@ -42,7 +43,8 @@ class Watch:
                 item = await asyncio.wait_for(self.queue.get(), max(0.0, remaining))
             except TimeoutError as e:
                 raise InvocationTimeout(
-                    f"no result within {timeout_s:g}s; the invocation goes on: poll GET /v1/invocations/{invocation_id}",
+                    f"no result within {timeout_s:g}s; the invocation goes on: "
+                    f"poll GET /v1/invocations/{invocation_id}",
                     invocation_id=invocation_id,
                 ) from e
             if isinstance(item, InvocationResult):
@@ -52,8 +54,8 @@ class Watch:
 class Dispatcher:
     """Owns the gateway's side of the wire: publish invocations and cancels, watch results."""
 
-    def __init__(self, nc: NATS, js: JetStreamContext, names: Names) -> None:
-        self.nc, self.js, self.names = nc, js, names
+    def __init__(self, nc: NATS, js: JetStreamContext, names: Names, router: PlacementRouter | None = None) -> None:
+        self.nc, self.js, self.names, self.router = nc, js, names, router
 
     def require_connected(self) -> None:
         if not self.nc.is_connected:
@@ -67,10 +69,9 @@ class Dispatcher:
             raise ServiceUnavailable("the invocation queue is unavailable; retry shortly", retry_after_s=1.0) from e
 
     async def publish(self, invocation: Invocation) -> None:
-        """Publish once; JetStream drops a repeat with the same Nats-Msg-Id (the invocation id)."""
-        await self._publish(
-            self.names.invoke_subject(invocation.backbone), invocation, invocation_msg_id(invocation.invocation_id)
-        )
+        """Publish once, to the worker the router picks; JetStream drops a repeat with the same Nats-Msg-Id."""
+        subject = self.router.subject_for(invocation) if self.router else self.names.invoke_subject(invocation.backbone)
+        await self._publish(subject, invocation, invocation_msg_id(invocation.invocation_id))
 
     async def publish_cancel(self, invocation_id: str) -> None:
         await self._publish(

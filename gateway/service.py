@@ -151,6 +151,8 @@ class InvocationService:
         digest: str | None = None,
     ) -> Accepted:
         """Check the request against its limits and quotas, then record it (queue limit permitting)."""
+        if self.dispatcher.router is not None:  # 429 while every worker of the backbone is saturated
+            self.dispatcher.router.admit(served.backbone.name)
         prompt_tokens = await self.tokens.count(served.backbone.name, served.backbone.uri, req.prompt)
         admission.check_limits(served, self.settings.limits, req.prompt, req.max_tokens, prompt_tokens)
         if quota is not None:  # 402 past the spend cap, 429 past tokens/minute or concurrency

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from enum import StrEnum
 from pathlib import Path
 
@@ -54,14 +55,16 @@ class DeviceLoad:
         pending: PendingLoad | None = None,
         tier: Tier = Tier.DEVICE,
         moves_s: dict[str, float] | None = None,
+        on_load: Callable[[], None] | None = None,
     ) -> None:
         self.engine, self.key, self.weights, self.pending = engine, key, weights, pending
         self.fetch_s = fetch_s  # seconds spent bringing it to host memory
         self.copy_s = pending.copy_s if pending is not None else 0.0  # seconds of the device copy
         self.tier = tier  # where the adapter was when staged
-        self.moves_s = dict(moves_s or {})  # "s3->disk", "disk->host", then "host->device" once copied
+        self.moves_s = dict(moves_s or {})  # "s3->disk" or "peer->disk", "disk->host", then "host->device"
         if pending is not None:
             self.moves_s["host->device"] = self.copy_s
+        self.on_load = on_load  # counts device loads for the scheduler's reports
 
     def __call__(self) -> None:
         if self.pending is not None and not self.pending.finished:
@@ -75,6 +78,8 @@ class DeviceLoad:
         self.engine.load_adapter(self.key, self.weights)
         self.copy_s = time.perf_counter() - started
         self.moves_s["host->device"] = self.copy_s
+        if self.on_load is not None:
+            self.on_load()
 
 
 class AdapterManager:
@@ -96,6 +101,9 @@ class AdapterManager:
         self.refs: dict[str, AdapterRef] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._pending: dict[str, PendingLoad] = {}  # copied, waiting for their request's engine call
+        # Asked before S3 for an adapter missing from disk (gpuworker.peer); False: use S3.
+        self.peer_fetch: Callable[[AdapterRef, Path], Awaitable[bool]] | None = None
+        self.device_loads = 0  # host -> device copies, for the scheduler's reports
 
     # --- where things are ------------------------------------------------------------
     def disk_path(self, ref: AdapterRef) -> Path:
@@ -114,9 +122,21 @@ class AdapterManager:
 
     def residency(self) -> list[AdapterResidency]:
         return [
-            AdapterResidency(function_id=r.function_id, rank=r.rank, tier=self.tier_of(r).value)
-            for r in self.refs.values()
+            AdapterResidency(
+                function_id=r.function_id,
+                rank=r.rank,
+                tier=self.tier_of(r).value,
+                bytes=self.host[k].nbytes if k in self.host else 0,
+            )
+            for k, r in list(self.refs.items())
         ]
+
+    def holdings(self) -> dict[str, tuple[AdapterRef, Path]]:
+        """The adapters in host memory, with their disk folders (what a peer may fetch from here)."""
+        return {k: (self.refs[k], self.disk_path(self.refs[k])) for k in list(self.host) if k in self.refs}
+
+    def _count_load(self) -> None:
+        self.device_loads += 1
 
     def host_bytes(self) -> int:
         return sum(w.nbytes for w in self.host.values())
@@ -146,7 +166,7 @@ class AdapterManager:
             pending = self._pending.get(key)
             if pending is None or pending.finished:
                 pending = await self._copy_to_device(key, weights)
-        return DeviceLoad(engine, key, weights, fetch_s, pending, tier, moves_s)
+        return DeviceLoad(engine, key, weights, fetch_s, pending, tier, moves_s, self._count_load)
 
     async def _copy_to_device(self, key: str, weights: AdapterWeights) -> PendingLoad | None:
         """Reserve pages on the engine thread (between two steps, bookkeeping only), copy the
@@ -168,6 +188,7 @@ class AdapterManager:
             await asyncio.shield(self.runner.call(engine.abort_load, pending))
             raise
         self._pending[key] = pending
+        self._count_load()
         return pending
 
     async def ensure_on_device(self, ref: AdapterRef) -> float:
@@ -186,8 +207,11 @@ class AdapterManager:
         folder = self.disk_path(ref)
         started = time.perf_counter()
         if not (folder / "adapter_config.json").is_file():
-            await asyncio.to_thread(self.store.download, ref.prefix, folder, ref.sha256, ref.bucket)
-            moves_s["s3->disk"] = time.perf_counter() - started
+            if self.peer_fetch is not None and await self.peer_fetch(ref, folder):
+                moves_s["peer->disk"] = time.perf_counter() - started
+            else:
+                await asyncio.to_thread(self.store.download, ref.prefix, folder, ref.sha256, ref.bucket)
+                moves_s["s3->disk"] = time.perf_counter() - started
             started = time.perf_counter()
         weights = await asyncio.to_thread(AdapterWeights.from_peft_folder, folder, self.model_config)
         if self.pin_memory:

@@ -25,14 +25,15 @@ from datetime import UTC, datetime
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 from pydantic import ValidationError
 
 from gpuworker.adapters import AdapterEvicted, AdapterManager, DeviceLoad, adapter_key
 from gpuworker.engine import EngineRequest, PoolFullError, StepOutput
+from gpuworker.peer import PeerFetcher, PeerServer
 from gpuworker.runner import EngineFailed, EngineRunner
+from gpuworker.subscriptions import Intake, Lifecycle
 from lorafaas import wire
 from lorafaas.errors import (
     ArtifactIntegrityError,
@@ -52,7 +53,6 @@ from lorafaas.names import (
     started_msg_id,
 )
 from lorafaas.settings import NatsSettings, WorkerSettings
-from lorafaas.streams import pull_invocations
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,15 @@ class WorkerService:
             device,
         )
         self.inflight: dict[str, Running] = {}
-        self.draining = asyncio.Event()
+        self.lifecycle = Lifecycle()
+        self.draining = self.lifecycle.draining
+        self.intake = Intake(
+            js, names, nats_settings, settings, self.lifecycle, lambda: len(self.inflight), self._on_pulled
+        )
+        self.peers = PeerServer(nc, names, settings.worker_id, adapters.holdings)
+        self.peer_fetcher = PeerFetcher(nc, names, settings.peer_fetch_timeout_s, settings.peer_fetch_max_bytes)
+        if settings.peer_fetch:
+            adapters.peer_fetch = self.peer_fetcher.fetch
         self.started_at = datetime.now(UTC)
         self._tasks: set[asyncio.Task] = set()
 
@@ -126,9 +134,10 @@ class WorkerService:
             asyncio.create_task(self._report_loop(), name="reports"),
             asyncio.create_task(self._heartbeat_loop(), name="heartbeats"),
             asyncio.create_task(self._watch_engine(), name="engine-watchdog"),
+            asyncio.create_task(self.peers.run(), name="peer-server"),
         ]
         try:
-            await self._pull_loop()
+            await self.intake.run()
             while self.inflight and self._tasks:  # drain: let running invocations finish
                 await asyncio.wait(set(self._tasks), timeout=0.05)
         finally:
@@ -139,7 +148,7 @@ class WorkerService:
             await asyncio.gather(*background, return_exceptions=True)
 
     def drain(self) -> None:
-        self.draining.set()
+        self.lifecycle.drain()
 
     async def _watch_engine(self) -> None:
         """Stop taking work once the engine has failed, or has held work without a step for too long."""
@@ -156,27 +165,8 @@ class WorkerService:
         log.critical("worker %s stops taking work: %s", self.settings.worker_id, self.runner.failure)
         self.drain()
 
-    async def _pull_loop(self) -> None:
-        sub = await pull_invocations(self.js, self.names, self.settings.backbone, self.nats_settings)
-        try:
-            while not self.draining.is_set():
-                room = 2 * self.settings.max_batch - len(self.inflight)
-                if room <= 0:
-                    await asyncio.sleep(0.01)
-                    continue
-                try:
-                    msgs = await sub.fetch(batch=room, timeout=0.25)
-                except (TimeoutError, NatsTimeout):  # nats-py raises either
-                    continue
-                except Exception as e:  # NATS away: the client reconnects by itself; keep pulling after
-                    log.warning("pulling invocations failed, retrying: %r", e)
-                    await asyncio.sleep(0.5)
-                    continue
-                for msg in msgs:
-                    self._spawn(self.handle(msg))
-        finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+    def _on_pulled(self, msg: Msg) -> None:
+        self._spawn(self.handle(msg))
 
     def _spawn(self, coro) -> None:
         task = asyncio.create_task(coro)
@@ -463,7 +453,11 @@ class WorkerService:
 
     async def execute_command(self, command: wire.WorkerCommand) -> None:
         if command.command == wire.CommandKind.DRAIN:
-            self.drain()
+            self.drain()  # the reply waits until nothing more is pulled: the rest of the queue can move
+            await self.lifecycle.stopped_pulling.wait()
+            return
+        if command.command == wire.CommandKind.ACTIVATE:
+            self.lifecycle.activate()
             return
         if command.adapter is None:
             raise InvalidInput(f"command {command.command} needs an adapter")
@@ -496,9 +490,11 @@ class WorkerService:
         snapshot = self.runner.snapshot
         pool = snapshot.pool
         depth: dict[str, int] = {}
-        for running in self.inflight.values():
-            fid = running.invocation.adapter.function_id
+        rank_mix: dict[int, int] = {}
+        for running in list(self.inflight.values()):
+            fid, rank = running.invocation.adapter.function_id, running.invocation.adapter.rank
             depth[fid] = depth.get(fid, 0) + 1
+            rank_mix[rank] = rank_mix.get(rank, 0) + 1
         stats = self.runner.stats
         return wire.ContentionReport(
             worker_id=self.settings.worker_id,
@@ -513,6 +509,11 @@ class WorkerService:
             step_latency_p50_s=stats.percentile(0.5),
             step_latency_p95_s=stats.percentile(0.95),
             host_cache_bytes=self.adapters.host_bytes(),
+            state=self.lifecycle.state,
+            pool_page_bytes=pool.page_bytes,
+            rank_mix=rank_mix,
+            adapter_loads=self.adapters.device_loads,
+            peer_fetches=self.peer_fetcher.stats.fetches,
         )
 
     async def _report_loop(self) -> None:
@@ -548,6 +549,7 @@ class WorkerService:
         return base.model_copy(
             update={
                 "sent_at": datetime.now(UTC),
+                "state": self.lifecycle.state,
                 "engine_steps": self.runner.steps,
                 "engine_stalled_s": self.runner.stalled_s(),
                 "engine_failed": str(failure) if failure is not None else None,

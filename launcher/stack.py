@@ -71,7 +71,7 @@ class PlatformProcesses:
         self.procs[name] = proc
         return proc
 
-    def start_controlplane(self, timeout_s: float = 60) -> None:
+    def start_controlplane(self, timeout_s: float = 180) -> None:
         s = self.settings
         proc = self._spawn("controlplane", ["controlplane"])
         wait_healthy(
@@ -81,7 +81,7 @@ class PlatformProcesses:
             self.logs / "controlplane.log",
         )
 
-    def start_gateway(self, timeout_s: float = 60) -> None:
+    def start_gateway(self, timeout_s: float = 180) -> None:
         s = self.settings
         proc = self._spawn("gateway", ["gateway"])
         wait_healthy(f"http://{s.gateway_host}:{s.gateway_port}/healthz", timeout_s, proc, self.logs / "gateway.log")
@@ -121,27 +121,40 @@ class PlatformProcesses:
         self.procs.clear()
 
 
-async def wait_for_worker(settings: Settings, worker_id: str, timeout_s: float = 120) -> None:
-    """Wait until the worker's heartbeat arrives: its backbone is loaded and it is pulling."""
+async def wait_for_worker(settings: Settings, worker_id: str, timeout_s: float = 120, active: bool = True) -> None:
+    """Wait until the worker's heartbeat or report arrives: its backbone is loaded and, with
+    ``active``, the control plane prefetched its placements and it is pulling invocations."""
     import asyncio
 
     import nats
 
     from lorafaas.names import Names
-    from lorafaas.wire import WorkerHeartbeat
+    from lorafaas.wire import ContentionReport, WorkerHeartbeat
 
     nc = await nats.connect(settings.nats.url)
+    names = Names(settings.nats.prefix)
     seen = asyncio.Event()
 
-    async def on_beat(msg) -> None:
-        if WorkerHeartbeat.decode(msg.data).worker_id == worker_id:
+    def note(message: WorkerHeartbeat | ContentionReport) -> None:
+        if message.worker_id == worker_id and (not active or message.state == "active"):
             seen.set()
 
-    sub = await nc.subscribe(Names(settings.nats.prefix).heartbeat_subject, cb=on_beat)
+    async def on_beat(msg) -> None:
+        note(WorkerHeartbeat.decode(msg.data))
+
+    async def on_report(msg) -> None:
+        note(ContentionReport.decode(msg.data))
+
+    subs = [
+        await nc.subscribe(names.heartbeat_subject, cb=on_beat),
+        await nc.subscribe(names.contention_subject, cb=on_report),
+    ]
     try:
         await asyncio.wait_for(seen.wait(), timeout_s)
     except TimeoutError as e:
-        raise TimeoutError(f"worker {worker_id} sent no heartbeat within {timeout_s:g}s") from e
+        state = "active " if active else ""
+        raise TimeoutError(f"worker {worker_id} was not {state}within {timeout_s:g}s") from e
     finally:
-        await sub.unsubscribe()
+        for sub in subs:
+            await sub.unsubscribe()
         await nc.close()

@@ -15,6 +15,8 @@ SIGNATURE_HEADER = "Lorafaas-Signature"
 CALLBACK_ID_HEADER = "Lorafaas-Invocation-Id"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 DEAD_REASON_HEADER = "Lorafaas-Dead-Reason"
+# Set on an invocation the control plane moved off a dead or drained worker's queue.
+REROUTED_HEADER = "Lorafaas-Rerouted-From"
 
 
 # --- exactly-once message ids -------------------------------------------------------
@@ -84,6 +86,10 @@ class Names:
         """Work queue of one backbone: every worker holding it pulls from here."""
         return f"{self.prefix}.invoke.{_token(backbone)}"
 
+    def invoke_worker_subject(self, backbone: str, worker_id: str) -> str:
+        """One worker's own queue: the gateway routes here an invocation of a function it holds."""
+        return f"{self.prefix}.invoke.{_token(backbone)}.worker.{_token(worker_id)}"
+
     @property
     def invoke_wildcard(self) -> str:
         return f"{self.prefix}.invoke.>"
@@ -128,6 +134,10 @@ class Names:
     def worker_command_subject(self, worker_id: str) -> str:
         return f"{self.prefix}.worker.{_token(worker_id)}.command"
 
+    def peer_adapter_subject(self, sha256: str) -> str:
+        """Core NATS: every worker holding an adapter in host memory answers here (one queue group)."""
+        return f"{self.prefix}.peer.adapter.{_token(sha256)}"
+
     @property
     def contention_subject(self) -> str:
         return f"{self.prefix}.contention"
@@ -145,6 +155,23 @@ class Names:
     def worker_consumer(self, backbone: str) -> str:
         return f"workers-{_token(backbone)}"
 
+    def worker_own_consumer(self, worker_id: str) -> str:
+        """The durable consumer of one worker's own subject (a second consumer: NATS 2.9 filters one subject)."""
+        return f"worker-{_token(worker_id)}"
+
+    def reroute_consumer(self, worker_id: str) -> str:
+        """The control plane's consumer that moves a dead or drained worker's queue to the shared subject."""
+        return f"reroute-{_token(worker_id)}"
+
+    # --- key-value buckets ---------------------------------------------------------
+    @property
+    def placement_bucket(self) -> str:
+        """The placement table the control plane publishes and every gateway watches."""
+        return f"{_token(self.prefix).upper()}_PLACEMENT"
+
+    def placement_key(self, backbone: str) -> str:
+        return f"table.{_token(backbone)}"
+
     @property
     def controlplane_consumer(self) -> str:
         return "controlplane"
@@ -154,6 +181,11 @@ class Names:
 def adapter_prefix(tenant_id: str, sha256: str) -> str:
     """Adapters live under their tenant and are keyed by the hash of their content."""
     return f"tenants/{tenant_id}/adapters/{sha256}"
+
+
+def reroute_msg_id(invocation_id: str, stream_seq: int) -> str:
+    """A moved invocation's id: its source message's sequence makes a retried move a duplicate."""
+    return f"reroute-{invocation_id}-{stream_seq}"
 
 
 def backbone_prefix(name: str) -> str:

@@ -84,6 +84,37 @@ class WorkerSettings(BaseModel):
     # An engine holding work without completing a step for this long is declared stuck: the
     # worker stops taking work, naks what it holds and exits non-zero.
     engine_stall_exit_s: float = 120.0
+    # A joining worker waits this long for the control plane to prefetch its placements and
+    # activate it; past it (no control plane) it takes traffic anyway.
+    join_timeout_s: float = 30.0
+    # Fetch a missing adapter from a peer worker's host memory before trying S3.
+    peer_fetch: bool = True
+    peer_fetch_timeout_s: float = 2.0
+    # Larger adapters come from S3: measured crossover on this machine (docs/benchmarks.md, peer fetch).
+    peer_fetch_max_bytes: int = 8_000_000
+
+
+class SchedulerSettings(BaseModel):
+    """The control plane's placement loop and the routing it publishes (issue 14)."""
+
+    enabled: bool = True
+    # "rank-aware" (LoRAServe placement) or "rank-oblivious" (the baseline: random placement).
+    policy: str = "rank-aware"
+    # Gateways: "affinity" routes by the placement table; "shared" puts every invocation on the
+    # backbone's shared subject (the baseline's single queue).
+    routing: str = "affinity"
+    interval_s: float = 0.5
+    # A worker whose reports stopped this long ago is dead: its queue is re-routed, its functions re-placed.
+    dead_after_s: float = 5.0
+    # Gateways spill an invocation to the shared subject when every replica has this many queued.
+    spill_threshold: int = 8
+    # A worker with more queued is contended; a backbone whose every active worker has more than
+    # ``saturated_queue`` queued sheds new invocations (429 with Retry-After).
+    saturated_queue: int = 64
+    retry_after_s: float = 2.0
+    # A gone worker's subject is still swept this long, for gateways routing on an old table.
+    reroute_ttl_s: float = 120.0
+    seed: int = 0
 
 
 class ControlPlaneSettings(BaseModel):
@@ -121,6 +152,7 @@ class Settings(BaseSettings):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     callbacks: CallbackSettings = Field(default_factory=CallbackSettings)
     controlplane: ControlPlaneSettings = Field(default_factory=ControlPlaneSettings)
+    scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
 
     @model_validator(mode="after")
     def _refuse_default_secrets(self) -> Settings:

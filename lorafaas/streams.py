@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import contextlib
+import json
 
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import NotFoundError
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
 
-from lorafaas.names import Names
+from lorafaas.names import MSG_ID_HEADER, REROUTED_HEADER, Names, reroute_msg_id
 from lorafaas.settings import NatsSettings
 
 DUPLICATE_WINDOW_S = 120.0
@@ -71,6 +82,8 @@ async def delete_streams(js: JetStreamContext, names: Names) -> None:
     for config in stream_configs(names):
         with contextlib.suppress(NotFoundError):
             await js.delete_stream(config.name or "")
+    with contextlib.suppress(NotFoundError, BucketNotFoundError):
+        await js.delete_key_value(names.placement_bucket)
 
 
 def worker_consumer_config(names: Names, backbone: str, nats: NatsSettings) -> ConsumerConfig:
@@ -104,3 +117,49 @@ def controlplane_consumer_config(names: Names, nats: NatsSettings) -> ConsumerCo
         max_deliver=EVENTS_MAX_DELIVER,
         deliver_policy=DeliverPolicy.ALL,
     )
+
+
+def worker_own_consumer_config(names: Names, backbone: str, worker_id: str, nats: NatsSettings) -> ConsumerConfig:
+    """One worker's own queue (routed invocations), beside the backbone's shared consumer."""
+    return ConsumerConfig(
+        durable_name=names.worker_own_consumer(worker_id),
+        filter_subject=names.invoke_worker_subject(backbone, worker_id),
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=nats.ack_wait_s,
+        max_deliver=nats.max_deliver,
+        deliver_policy=DeliverPolicy.ALL,
+    )
+
+
+async def pull_own_invocations(
+    js: JetStreamContext, names: Names, backbone: str, worker_id: str, nats: NatsSettings
+) -> JetStreamContext.PullSubscription:
+    config = worker_own_consumer_config(names, backbone, worker_id, nats)
+    subject = names.invoke_worker_subject(backbone, worker_id)
+    return await js.pull_subscribe(subject, durable=config.durable_name, stream=names.invocations_stream, config=config)
+
+
+async def placement_bucket(js: JetStreamContext, names: Names) -> KeyValue:
+    """The placement table's bucket (created if missing): one key per backbone, last value only."""
+    try:
+        return await js.key_value(names.placement_bucket)
+    except BucketNotFoundError:
+        return await js.create_key_value(KeyValueConfig(bucket=names.placement_bucket, history=1))
+
+
+async def republish_to_shared(js: JetStreamContext, names: Names, backbone: str, msg: Msg, from_worker: str) -> None:
+    """Move one invocation message from a worker's own subject to the backbone's shared subject.
+
+    The copy is stored before the original is acked; its message id comes from the original's
+    stream sequence, so moving the same message twice (a retry after a crash) stores one copy.
+    """
+    try:
+        invocation_id = json.loads(msg.data).get("invocation_id", "unknown")
+    except ValueError:
+        invocation_id = "undecodable"
+    headers = {
+        MSG_ID_HEADER: reroute_msg_id(invocation_id, msg.metadata.sequence.stream),
+        REROUTED_HEADER: from_worker,
+    }
+    await js.publish(names.invoke_subject(backbone), msg.data, headers=headers)
+    await msg.ack_sync()

@@ -221,6 +221,8 @@ class CommandKind(StrEnum):
     OFFLOAD = "offload"
     EVICT = "evict"
     DRAIN = "drain"
+    # A joining worker's placements are prefetched: it may start pulling invocations.
+    ACTIVATE = "activate"
 
 
 class WorkerCommand(WireMessage):
@@ -234,6 +236,7 @@ class AdapterResidency(BaseModel):
     function_id: str
     rank: int
     tier: Literal["s3", "disk", "host", "device"]
+    bytes: int = 0
 
 
 class ContentionReport(WireMessage):
@@ -250,6 +253,13 @@ class ContentionReport(WireMessage):
     step_latency_p50_s: float = 0.0
     step_latency_p95_s: float = 0.0
     host_cache_bytes: int = 0
+    # Scheduler inputs (issue 14): lifecycle state, ranks of the requests on the worker, and
+    # cumulative counters of device loads and of adapters fetched from a peer instead of S3.
+    state: Literal["joining", "active", "draining"] = "active"
+    pool_page_bytes: int = 0
+    rank_mix: dict[int, int] = Field(default_factory=dict)
+    adapter_loads: int = 0
+    peer_fetches: int = 0
     reported_at: datetime = Field(default_factory=utcnow)
 
 
@@ -262,6 +272,7 @@ class WorkerHeartbeat(WireMessage):
     backbone: str
     device: str
     started_at: datetime
+    state: Literal["joining", "active", "draining"] = "active"
     sent_at: datetime = Field(default_factory=utcnow)
     engine_steps: int = 0  # engine steps completed since start
     # Seconds the engine has held work without completing a step (0 while idle or progressing).
@@ -277,3 +288,30 @@ _EVENTS: TypeAdapter[Started | InvocationResult] = TypeAdapter(Event)
 def decode_event(data: bytes) -> Started | InvocationResult:
     """One message of the events stream, by its ``kind`` (``ValidationError`` for an unknown kind)."""
     return _EVENTS.validate_json(data)
+
+
+class RoutedWorker(BaseModel):
+    """What a gateway needs of one worker to route to it."""
+
+    model_config = ConfigDict(frozen=True)
+    state: Literal["joining", "active", "draining", "dead"]
+    queued: int = 0  # invocations waiting on or running at the worker when the table was built
+
+
+class PlacementTable(WireMessage):
+    """One backbone's placement, as the control plane publishes it to the placement bucket.
+
+    Gateways watch it and route each invocation to a replica of its function (the one with
+    the shortest queue), or to the backbone's shared subject when every replica is past
+    ``spill_threshold`` or the function has none. ``shed``: every worker is saturated, answer 429.
+    """
+
+    kind: Literal["placement"] = "placement"
+    backbone: str
+    version: int
+    replicas: dict[str, list[str]] = Field(default_factory=dict)  # function_id -> worker ids, preferred first
+    workers: dict[str, RoutedWorker] = Field(default_factory=dict)
+    spill_threshold: int = 8
+    shed: bool = False
+    retry_after_s: float = 1.0
+    published_at: datetime = Field(default_factory=utcnow)

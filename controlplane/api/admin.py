@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 
 from controlplane.api.deps import ReadSessionDep, RuntimeDep, require_operator
 from controlplane.api.schemas import (
@@ -185,6 +185,9 @@ async def update_function(function_id: str, body: FunctionUpdate, rt: RuntimeDep
 # --- workers ----------------------------------------------------------------------------
 @router.get("/workers", response_model=Page[WorkerOut])
 async def list_workers(
-    session: ReadSessionDep, status: str | None = Query(default=None, pattern="^(alive|dead)$")
+    request: Request, session: ReadSessionDep, status: str | None = Query(default=None, pattern="^(alive|dead)$")
 ) -> Page[WorkerOut]:
-    return Page(data=[WorkerOut.of(w) for w in await workers.list_workers(session, status)])
+    """Registered workers; ``state`` is the scheduler's (joining, active, draining, dead) where it knows one."""
+    scheduler = getattr(request.app.state, "scheduler", None)
+    states = {w: s.value for w, s in scheduler.states().items()} if scheduler is not None else {}
+    return Page(data=[WorkerOut.of(w, states.get(w.id)) for w in await workers.list_workers(session, status)])

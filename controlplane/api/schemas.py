@@ -427,10 +427,13 @@ class WorkerOut(BaseModel):
     started_at: datetime
     last_heartbeat_at: datetime
     dead_at: datetime | None
+    # The scheduler's view: joining, active, draining or dead (None when it has not heard the worker).
+    state: str | None = None
 
     @classmethod
-    def of(cls, w: Worker) -> WorkerOut:
+    def of(cls, w: Worker, state: str | None = None) -> WorkerOut:
         return cls(
+            state=state,
             id=w.id,
             backbone=w.backbone,
             device=w.device,
