@@ -18,11 +18,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
 
 from .lora_ops import LoraBatch
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+# Layer i's attention over (q, k, v) rows -> [rows, heads * head_dim]; prefill and decode each
+# define one per forward.
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -42,27 +50,36 @@ class LayerWeights:
     act: Callable[[torch.Tensor], torch.Tensor]
 
 
-def _base_linear(module: torch.nn.Module) -> torch.nn.Module:
+def _base_linear(module: torch.nn.Module) -> torch.nn.Linear:
     # If someone wrapped the model with PEFT, the HF Linear sits in .base_layer; read that.
-    return getattr(module, "base_layer", module)
+    base = getattr(module, "base_layer", module)
+    # The forward does F.linear on .weight, which is only right for nn.Linear's [out, in] layout.
+    if not isinstance(base, torch.nn.Linear):
+        raise TypeError(f"expected an nn.Linear projection, got {type(base).__name__}")
+    return base
+
+
+# Our name for each projection -> its submodule path in an HF decoder layer.
+_LINEARS = {
+    "q": "self_attn.q_proj",
+    "k": "self_attn.k_proj",
+    "v": "self_attn.v_proj",
+    "o": "self_attn.o_proj",
+    "gate": "mlp.gate_proj",
+    "up": "mlp.up_proj",
+    "down": "mlp.down_proj",
+}
 
 
 def _layer_weights(layer: torch.nn.Module) -> LayerWeights:
-    attn, mlp = layer.self_attn, layer.mlp
-    linears = {
-        "q": _base_linear(attn.q_proj),
-        "k": _base_linear(attn.k_proj),
-        "v": _base_linear(attn.v_proj),
-        "o": _base_linear(attn.o_proj),
-        "gate": _base_linear(mlp.gate_proj),
-        "up": _base_linear(mlp.up_proj),
-        "down": _base_linear(mlp.down_proj),
-    }
+    # get_submodule / get_parameter rather than attribute access: nn.Module.__getattr__ is typed
+    # Tensor | Module, these are typed Module / Parameter (the same objects, no copies).
+    linears = {name: _base_linear(layer.get_submodule(path)) for name, path in _LINEARS.items()}
     return LayerWeights(
-        input_norm=layer.input_layernorm.weight,
-        post_norm=layer.post_attention_layernorm.weight,
+        input_norm=layer.get_parameter("input_layernorm.weight"),
+        post_norm=layer.get_parameter("post_attention_layernorm.weight"),
         biases={name: lin.bias for name, lin in linears.items()},
-        act=mlp.act_fn,
+        act=layer.get_submodule("mlp.act_fn"),  # HF's ACT2FN gives an nn.Module (SiLU for Llama)
         **{name: lin.weight for name, lin in linears.items()},
     )
 
@@ -99,19 +116,24 @@ class LlamaRunner:
     """Prefill and decode over the shared HF weights and the slot KV cache."""
 
     def __init__(self, model: torch.nn.Module, num_slots: int, max_seq_len: int) -> None:
-        cfg = model.config
-        base = model.model
+        # nn.Module.__getattr__ is typed Tensor | Module; an HF model's .config is its PretrainedConfig.
+        cfg = cast("PretrainedConfig", model.config)
         self.config = cfg
-        self.num_layers = cfg.num_hidden_layers
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.eps = cfg.rms_norm_eps
-        self.embed = base.embed_tokens.weight
-        self.final_norm = base.norm.weight
-        self.lm_head = model.lm_head.weight
-        self.rotary = base.rotary_emb  # HF's module: reads rope_theta / rope_parameters from the config
-        self.layers = [_layer_weights(layer) for layer in base.layers]
+        # Config values read once here as plain ints/floats, so the hot path does no lookups.
+        self.num_layers = int(cfg.num_hidden_layers)
+        self.num_heads = int(cfg.num_attention_heads)
+        self.num_kv_heads = int(cfg.num_key_value_heads)
+        self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+        self.eps = float(cfg.rms_norm_eps)
+        self.embed = model.get_parameter("model.embed_tokens.weight")
+        self.final_norm = model.get_parameter("model.norm.weight")
+        self.lm_head = model.get_parameter("lm_head.weight")
+        # HF's module: reads rope_theta / rope_parameters from the config.
+        self.rotary = model.get_submodule("model.rotary_emb")
+        layers = model.get_submodule("model.layers")
+        if not isinstance(layers, torch.nn.ModuleList):
+            raise TypeError(f"expected model.layers to be an nn.ModuleList, got {type(layers).__name__}")
+        self.layers = [_layer_weights(layer) for layer in layers]
         self.device = self.embed.device
         self.dtype = self.embed.dtype
         self.num_slots = num_slots
@@ -138,8 +160,12 @@ class LlamaRunner:
         positions = torch.arange(n, device=self.device)
         x = self.embed[token_ids]
         cos, sin = self.rotary(x, positions[None])  # [1, T, D]
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return self._prefill_attn(i, slot, q, k, v, cos, sin)
+
         for i, w in enumerate(self.layers):
-            x = self._layer(i, w, x, lora, lambda q, k, v, i=i: self._prefill_attn(i, slot, q, k, v, cos, sin))
+            x = self._layer(i, w, x, lora, attend)
         return self._logits(x[-1:])[0]
 
     def decode(
@@ -167,16 +193,20 @@ class LlamaRunner:
         heads = torch.arange(self.num_kv_heads, device=self.device)
         kv_rows = ((slots[:, None] * self.num_kv_heads + heads) * self.max_seq_len + positions[:, None]).view(-1)
         step = _DecodeStep(kv_rows, slots, inverse, max_len, mask, cos[:, None], sin[:, None])
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return self._decode_attn(i, step, q, k, v)
+
         for i, w in enumerate(self.layers):
-            x = self._layer(i, w, x, lora, lambda q, k, v, i=i: self._decode_attn(i, step, q, k, v))
+            x = self._layer(i, w, x, lora, attend)
         return self._logits(x)
 
-    def _layer(self, i: int, w: LayerWeights, x: torch.Tensor, lora: LoraBatch, attend) -> torch.Tensor:
+    def _layer(self, i: int, w: LayerWeights, x: torch.Tensor, lora: LoraBatch, attend: Attend) -> torch.Tensor:
         h = rms_norm(x, w.input_norm, self.eps)
         b = w.biases
         q, k, v = F.linear(h, w.q, b["q"]), F.linear(h, w.k, b["k"]), F.linear(h, w.v, b["v"])
         lora.apply(i, "qkv", h, {"q_proj": q, "k_proj": k, "v_proj": v})
-        attn = attend(q, k, v)
+        attn = attend(i, q, k, v)
         o = F.linear(attn, w.o, b["o"])
         lora.apply(i, "o", attn, {"o_proj": o})
         x = x + o
@@ -188,7 +218,16 @@ class LlamaRunner:
         lora.apply(i, "down", act, {"down_proj": down})
         return x + down
 
-    def _prefill_attn(self, i, slot, q, k, v, cos, sin) -> torch.Tensor:
+    def _prefill_attn(
+        self,
+        i: int,
+        slot: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> torch.Tensor:
         n = q.shape[0]
         q = rotate(q.view(1, n, self.num_heads, self.head_dim).transpose(1, 2), cos[:, None], sin[:, None])
         k = rotate(k.view(1, n, self.num_kv_heads, self.head_dim).transpose(1, 2), cos[:, None], sin[:, None])
@@ -198,7 +237,9 @@ class LlamaRunner:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.num_heads != self.num_kv_heads)
         return out.transpose(1, 2).reshape(n, self.num_heads * self.head_dim)
 
-    def _decode_attn(self, i: int, step: _DecodeStep, q, k, v) -> torch.Tensor:
+    def _decode_attn(
+        self, i: int, step: _DecodeStep, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
         bsz = q.shape[0]
         q = rotate(q.view(bsz, 1, self.num_heads, self.head_dim).transpose(1, 2), step.cos, step.sin)
         k = rotate(k.view(bsz, 1, self.num_kv_heads, self.head_dim).transpose(1, 2), step.cos, step.sin)
