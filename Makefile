@@ -19,7 +19,14 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/lorafaas demo
 
-test: $(STAMP)
+# Style, types and the architecture's import rules first: a red check fails the test command.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
+	$(BIN)/mypy
+
+test: lint
 	$(BIN)/python -m pytest -q
 
 clean:
