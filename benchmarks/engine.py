@@ -59,7 +59,7 @@ from gpuworker.engine import (
 )
 from gpuworker.engine.adapter_weights import module_dims
 from gpuworker.engine.engine import page_elems_for
-from gpuworker.models import SHAPES, build_backbone, build_tokenizer, load_backbone, make_adapter
+from gpuworker.models import SHAPES, build_backbone, build_tokenizer, llama_config, load_backbone, make_adapter
 from gpuworker.runner import EngineRunner
 from gpuworker.threads import ThreadPolicy
 from lorafaas.llama import ATTN_MODULES
@@ -175,23 +175,11 @@ def prepare(args: argparse.Namespace) -> Setup:
 
 def build_on_device(args: argparse.Namespace) -> tuple[Any, Any]:
     """A random-weight Llama of ``args.shape`` initialised directly on ``args.device`` in ``args.dtype``."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     spec = SHAPES[args.shape]
     tokenizer = build_tokenizer(spec.vocab_size)
-    config = LlamaConfig(
-        vocab_size=spec.vocab_size,
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_hidden_layers,
-        num_attention_heads=spec.num_attention_heads,
-        num_key_value_heads=spec.num_key_value_heads,
-        max_position_embeddings=spec.max_position_embeddings,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
+    config = llama_config(spec, tokenizer)
     torch.manual_seed(args.seed)
     dtype = DTYPES[args.dtype]
     with torch.device(args.device):

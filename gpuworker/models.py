@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -74,17 +75,11 @@ def build_tokenizer(vocab_size: int):
     )
 
 
-def build_backbone(
-    out_dir: Path, shape: str | BackboneShape = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32
-) -> Path:
-    """Write a random-weight Llama backbone and its tokenizer as a Hugging Face folder."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def llama_config(spec: BackboneShape, tokenizer: Any) -> Any:
+    """The Hugging Face ``LlamaConfig`` of a shape, with the tokenizer's special token ids."""
+    from transformers import LlamaConfig
 
-    spec = SHAPES[shape] if isinstance(shape, str) else shape
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(spec.vocab_size)
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=spec.vocab_size,
         hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size,
@@ -97,6 +92,19 @@ def build_backbone(
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
+
+
+def build_backbone(
+    out_dir: Path, shape: str | BackboneShape = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32
+) -> Path:
+    """Write a random-weight Llama backbone and its tokenizer as a Hugging Face folder."""
+    from transformers import LlamaForCausalLM
+
+    spec = SHAPES[shape] if isinstance(shape, str) else shape
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(spec.vocab_size)
+    config = llama_config(spec, tokenizer)
     torch.manual_seed(seed)
     # transformers decorates PreTrainedModel.to with functools.wraps(nn.Module.to); typeshed's _Wrapped keeps
     # the unbound signature, so mypy wants the model itself as the first argument.
