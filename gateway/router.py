@@ -31,6 +31,7 @@ from lorafaas.wire import Invocation, PlacementTable
 
 log = logging.getLogger(__name__)
 
+STOP_TIMEOUT_S = 1.0  # the longest a gateway's shutdown waits for its placement watch
 STALE_WATCH_S = 10.0  # no update for this long: the watch is re-opened (tables come every interval_s)
 
 
@@ -78,7 +79,8 @@ class PlacementRouter:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            # Bounded: a watch cancelled inside a nats-py request can outlive the cancel; shutdown must not.
+            await asyncio.wait({self._task}, timeout=STOP_TIMEOUT_S)
 
     async def _watch(self) -> None:
         """Follow the bucket; on any failure or a silent spell, re-open the watch (the last tables stay)."""
@@ -99,7 +101,7 @@ class PlacementRouter:
             finally:
                 if watcher is not None:
                     with contextlib.suppress(Exception):
-                        await watcher.stop()
+                        await asyncio.wait_for(watcher.stop(), STOP_TIMEOUT_S)
 
     def apply(self, table: PlacementTable) -> None:
         self.tables[table.backbone] = RoutingTable.of(table)
