@@ -10,8 +10,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from controlplane.api.deps import require_operator
 from controlplane.scheduler.loop import SchedulerLoop
 from lorafaas.errors import NotFound, ServiceUnavailable
+from lorafaas.http_errors import error_responses
 
-router = APIRouter(tags=["scheduler"])
+router = APIRouter(tags=["scheduler"], responses=error_responses(400, 401, 404, 503))
 
 
 async def _scheduler(request: Request) -> SchedulerLoop:
