@@ -23,7 +23,6 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.generation import GenerationMode
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
-    negative_data_rejection,
     response_headers_conformance,
     response_schema_conformance,
     status_code_conformance,
@@ -38,16 +37,19 @@ EXAMPLES = {GenerationMode.POSITIVE: 8, GenerationMode.NEGATIVE: 4}  # per opera
 SEED = 20261130
 TIMEOUT_S = 30
 FUNCTION = "fuzz-a8"
-# No 5xx; every answer as documented; a request that breaks the schema is refused (the document's
-# bounds are the ones enforced). Not "schema-valid means accepted": business rules (a function's
+# No 5xx and every answer as documented (status, content type, headers, body), for schema-valid and
+# schema-breaking requests alike. Not "schema-valid means accepted": business rules (a function's
 # max_tokens, a prompt's context, callback_url only with mode async) refuse some of those with 400.
+# Nor "schema-breaking means refused" (schemathesis's negative_data_rejection): its generator counts
+# an optional filter sent as the string "null" beside unknown query parameters as a violation,
+# which a list route rightly answers with 200; the bounds themselves are tested in
+# tests/gateway/test_gateway_inputs.py and tests/controlplane/test_api_inputs.py.
 CHECKS = [
     not_a_server_error,
     status_code_conformance,
     content_type_conformance,
     response_headers_conformance,
     response_schema_conformance,
-    negative_data_rejection,
 ]
 
 
