@@ -10,6 +10,7 @@ policy of ours to run: they are the baselines' own rules, written here.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -40,8 +41,9 @@ def fname(fn: int) -> str:
     return f"f{fn}"
 
 
-class System:
-    """Defaults: route nowhere; a worker batches every running request; nothing to keep or refill."""
+class System(ABC):
+    """What every simulated system shares: a worker batches every running request; nothing to keep or
+    refill. Each system says where a request goes (``route``)."""
 
     name = "system"
     peer_fetch = False
@@ -50,17 +52,20 @@ class System:
         for w in sim.workers:
             w.disk = set(range(len(sim.ranks)))  # artifacts pre-staged on every local disk
 
+    @abstractmethod
     def route(self, sim: Sim, req: Req) -> None:
-        raise NotImplementedError
+        """Queue ``req`` on a worker (or hold it until one can take it)."""
 
     def decode_rows(self, sim: Sim, w: SimWorker) -> list[Req]:
         return w.running
 
     def idle(self, sim: Sim, w: SimWorker) -> None:
-        """Called when a worker runs out of work."""
+        """Called when a worker runs out of work; by default nothing happens."""
+        return None
 
     def refill(self, sim: Sim, w: SimWorker) -> None:
-        """Called at every step boundary (a pull-based worker takes queued work here)."""
+        """Called at every step boundary (a pull-based worker takes queued work here); by default nothing."""
+        return None
 
     def keep(self, sim: Sim, w: SimWorker) -> set[int]:
         """Adapters a background load must not evict from w's device."""
