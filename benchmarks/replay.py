@@ -207,6 +207,7 @@ def summarize(system: System, records: list[RequestRecord], start: float, end: f
         "queue_wait_p50_s": pct([r.queue_wait_s for r in ok], 50),
         "queue_wait_p99_s": pct([r.queue_wait_s for r in ok], 99),
         "worker_ttft_p50_s": pct([r.worker_ttft_s for r in ok], 50),
+        "worker_ttft_p99_s": pct([r.worker_ttft_s for r in ok], 99),
         "e2e_p50_s": pct([r.done - r.sent for r in ok], 50),
         "throughput_tokens_per_s": out_tokens / wall,
         "slo_attainment": len(slo_ok) / len(records) if records else 0.0,
@@ -259,7 +260,7 @@ def print_table(results: dict[str, dict]) -> None:
         ("TTFT p50 / p99 (s)", lambda m: f"{m['ttft_p50_s']:.3f} / {m['ttft_p99_s']:.3f}"),
         ("TBT p50 (s)", lambda m: f"{m['tbt_p50_s']:.4f}"),
         ("queue wait p50 / p99 (s)", lambda m: f"{m['queue_wait_p50_s']:.3f} / {m['queue_wait_p99_s']:.3f}"),
-        ("worker-side TTFT p50 (s)", lambda m: f"{m['worker_ttft_p50_s']:.3f}"),
+        ("worker-side TTFT p50 / p99 (s)", lambda m: f"{m['worker_ttft_p50_s']:.3f} / {m['worker_ttft_p99_s']:.3f}"),
         ("e2e p50 (s)", lambda m: f"{m['e2e_p50_s']:.3f}"),
         ("throughput (out tok/s)", lambda m: f"{m['throughput_tokens_per_s']:.1f}"),
         ("SLO attainment", lambda m: f"{m['slo_attainment']:.1%}"),
@@ -475,6 +476,23 @@ async def run(args: argparse.Namespace) -> dict:
         "function_ranks": ranks,
         "pool_pages": setup.pool_pages,
         "systems": results,
+        # per request, for plots and the simulator's validation: arrival, client TTFT, worker timings
+        "requests": {
+            name: [
+                {
+                    "function": r.function_index,
+                    "arrival_s": r.arrival_s,
+                    "ok": r.ok,
+                    "ttft_s": r.ttft,
+                    "queue_wait_s": r.queue_wait_s,
+                    "worker_ttft_s": r.worker_ttft_s,
+                    "load_s": r.load_s,
+                    "output_tokens": r.completion_tokens,
+                }
+                for r in records
+            ]
+            for name, records in per_system.items()
+        },
         "comparisons": comparisons(results),
     }
     for key, value in report["comparisons"].items():

@@ -106,10 +106,14 @@ class SchedulerSettings(BaseModel):
     interval_s: float = 0.5
     # A worker whose reports stopped this long ago is dead: its queue is re-routed, its functions re-placed.
     dead_after_s: float = 5.0
-    # Gateways spill an invocation to the shared subject when every replica has this many queued.
-    spill_threshold: int = 8
-    # A worker with more queued is contended; a backbone whose every active worker has more than
-    # ``saturated_queue`` queued sheds new invocations (429 with Retry-After).
+    # Gateways spill an invocation to a less loaded worker when every holder of its adapter has more
+    # than this many in flight: the engine prefills arrivals one at a time, so a burst on one holder
+    # waits behind its own prefills while another worker idles (docs/benchmarks.md, three workers).
+    spill_threshold: int = 2
+    # A holder with more of one function's invocations in flight than this is contended (the plan
+    # adds a replica); a backbone whose every active worker has more than ``saturated_queue`` in
+    # flight sheds new invocations (429 with Retry-After).
+    contended_queue: int = 8
     saturated_queue: int = 64
     retry_after_s: float = 2.0
     # A gone worker's subject is still swept this long, for gateways routing on an old table.

@@ -106,7 +106,7 @@ class SchedulerLoop:
         self.rerouter = Rerouter(js, names, settings.nats.ack_wait_s)
         self.policy = POLICIES[self.settings.policy]
         self.config = PlacementConfig(
-            contended_queue=self.settings.spill_threshold, saturated_queue=self.settings.saturated_queue
+            contended_queue=self.settings.contended_queue, saturated_queue=self.settings.saturated_queue
         )
         self.demand: DemandSource = ReportedDemand()
         self.advisors: list[Advisor] = []
@@ -231,7 +231,11 @@ class SchedulerLoop:
             version=plan.placement.version,
             replicas={f: list(ws) for f, ws in plan.placement.replicas.items() if f in functions},
             workers={
-                w: wire.RoutedWorker(state=v.state.value, queued=v.queued + self.tracker.workers[w].stream_queued)
+                w: wire.RoutedWorker(
+                    state=v.state.value,
+                    queued=v.queued + self.tracker.workers[w].stream_queued,
+                    resident=sorted(f for f, tier in v.tiers.items() if tier == Tier.DEVICE and f in functions),
+                )
                 for w, v in workers.items()
             },
             spill_threshold=self.settings.spill_threshold,
