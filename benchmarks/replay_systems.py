@@ -137,8 +137,11 @@ class System:
         await self.start_workers()
         self._sampler = asyncio.create_task(self._sample_memory())
 
-    async def register(self) -> None:
+    async def publish_backbones(self) -> None:
         await publish_backbone(self.settings, "bench", self.setup.backbone_dir)
+
+    async def register(self) -> None:
+        await self.publish_backbones()
         tenant_id, self.api_key = await create_tenant_with_key(self.settings, "bench")
         for fn in self.setup.functions:
             await register_function(
@@ -289,22 +292,10 @@ class DedicatedSystem(System):
     def backbone_of(self, fn: FunctionSpec) -> str:
         return f"ded-{fn.name}"
 
-    async def register(self) -> None:
-        await publish_backbone(self.settings, "bench", self.setup.backbone_dir)
+    async def publish_backbones(self) -> None:
+        await super().publish_backbones()
         # the same weights, one backbone (and queue) per function
         await register_backbone_copy(self.settings, "bench", [self.backbone_of(fn) for fn in self.setup.functions])
-        tenant_id, self.api_key = await create_tenant_with_key(self.settings, "bench")
-        for fn in self.setup.functions:
-            await register_function(
-                self.settings,
-                tenant_id,
-                fn.name,
-                self.backbone_of(fn),
-                fn.adapter_dir,
-                self.setup.price_input,
-                self.setup.price_output,
-            )
-        self.tenant_id = tenant_id
 
     async def start_workers(self) -> None:
         self._reaper = asyncio.create_task(self._reap())

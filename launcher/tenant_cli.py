@@ -29,6 +29,7 @@ from typing import Any
 
 import httpx
 
+from lorafaas import wire
 from lorafaas.artifacts import adapter_files
 from lorafaas.errors import InvalidArtifact
 
@@ -398,25 +399,13 @@ def usage(api: Api, args: argparse.Namespace) -> None:
     emit(args, data, text)
 
 
-BILL_COLUMNS = [
-    "period",
-    "function",
-    "function_id",
-    "invocations",
-    "input_tokens",
-    "output_tokens",
-    "amount_picousd",
-    "amount_usd",
-]
-
-
 def bills_show(api: Api, args: argparse.Namespace) -> None:
     b = api.call(api.cp, "GET", f"/v1/bills/{args.period}").json()
     if args.csv:
         w = csv.writer(sys.stdout, lineterminator="\n")
-        w.writerow(BILL_COLUMNS)
+        w.writerow(wire.BILL_CSV_COLUMNS)
         for line in b["lines"]:
-            w.writerow([b["period"], *(line[k] for k in BILL_COLUMNS[1:-1]), line["amount_usd"]])
+            w.writerow([b["period"], *(line[k] for k in wire.BILL_CSV_COLUMNS[1:-1]), line["amount_usd"]])
         w.writerow([b["period"], "total", "", "", "", "", b["total_picousd"], b["total_usd"]])
         return
 

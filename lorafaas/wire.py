@@ -140,6 +140,20 @@ class ResultStatus(StrEnum):
     CANCELLED = "cancelled"
 
 
+# The columns of a monthly bill as CSV, the same from the dashboard's download and the CLI's --csv:
+# a line per function, then a total line; amounts exact in pico-dollars, then in dollars.
+BILL_CSV_COLUMNS = (
+    "period",
+    "function",
+    "function_id",
+    "invocations",
+    "input_tokens",
+    "output_tokens",
+    "amount_picousd",
+    "amount_usd",
+)
+
+
 class Billing(BaseModel):
     """Whom a result bills and the device time it used; the tokens are the result's own counts."""
 

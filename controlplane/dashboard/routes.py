@@ -30,6 +30,7 @@ from controlplane.dashboard.charts import Bar, bar_chart
 from controlplane.dashboard.residency import ResidencyTracker
 from controlplane.db.models import InvocationState
 from controlplane.services import catalog, functions, invocations, keys, ledger, workers
+from lorafaas import wire
 from lorafaas.errors import Forbidden, InvalidInput, LorafaasError, Unauthenticated
 from lorafaas.http_errors import status_of
 
@@ -360,18 +361,7 @@ async def bill_csv(period: str, viewer: TenantDep, db: ReadSessionDep) -> Respon
     bill = await ledger.monthly_bill(db, viewer.tenant_id, *ledger.month_of(period))
     out = io.StringIO()
     w = csv.writer(out, lineterminator="\n")
-    w.writerow(
-        [
-            "period",
-            "function",
-            "function_id",
-            "invocations",
-            "input_tokens",
-            "output_tokens",
-            "amount_picousd",
-            "amount_usd",
-        ]
-    )
+    w.writerow(wire.BILL_CSV_COLUMNS)
     for line in bill.lines:
         w.writerow(
             [
