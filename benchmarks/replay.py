@@ -273,6 +273,10 @@ def print_table(results: dict[str, dict]) -> None:
         ("adapter loads (host->device)", lambda m: f"{m.get('adapter_loads', 0):.0f}"),
         ("spill-overs / re-routes", lambda m: f"{m.get('spill_overs', 0):.0f} / {m.get('rerouted', 0):.0f}"),
         ("peer fetches", lambda m: f"{m.get('peer_fetches', 0):.0f}"),
+        (
+            "placement moves / worker commands",
+            lambda m: f"{m.get('placement_moves', 0):.0f} / {m.get('worker_commands', 0):.0f}",
+        ),
     ]
     for label, fmt in rows:
         table.add_row(label, *(fmt(m) for m in results.values()))

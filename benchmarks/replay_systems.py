@@ -213,18 +213,24 @@ class System:
 
     async def counters(self) -> dict[str, float]:
         """Scheduler counters at the end of a run: adapter loads and peer fetches (the workers'
-        reports, via the control plane), spill-overs and shared-queue routes (the gateway), re-routes."""
+        reports, via the control plane), spill-overs (the gateway), re-routes, placement moves and
+        worker commands (the control plane's scheduler loop)."""
         s = self.settings
-        out = {"adapter_loads": 0.0, "peer_fetches": 0.0, "spill_overs": 0.0, "rerouted": 0.0}
+        out = {
+            "adapter_loads": 0.0,
+            "peer_fetches": 0.0,
+            "spill_overs": 0.0,
+            "rerouted": 0.0,
+            "placement_moves": 0.0,
+            "worker_commands": 0.0,
+        }
+        controlplane = f"http://{s.controlplane_host}:{s.controlplane_port}"
         try:
             async with httpx.AsyncClient(timeout=10) as c:
                 placement = (
-                    await c.get(
-                        f"http://{s.controlplane_host}:{s.controlplane_port}/admin/placement",
-                        headers={"Authorization": f"Bearer {s.admin_token}"},
-                    )
+                    await c.get(f"{controlplane}/admin/placement", headers={"Authorization": f"Bearer {s.admin_token}"})
                 ).json()
-                metrics = (await c.get(f"{self.url}/metrics")).text
+                metrics = (await c.get(f"{self.url}/metrics")).text + (await c.get(f"{controlplane}/metrics")).text
         except (httpx.HTTPError, ValueError):
             return out
         for worker in placement.get("workers", {}).values():
@@ -234,6 +240,10 @@ class System:
         for line in metrics.splitlines():
             if line.startswith("lorafaas_gateway_routes_total") and 'outcome="spill"' in line:
                 out["spill_overs"] += float(line.rsplit(" ", 1)[1])
+            elif line.startswith("lorafaas_scheduler_placement_moves_total{"):
+                out["placement_moves"] += float(line.rsplit(" ", 1)[1])
+            elif line.startswith("lorafaas_scheduler_commands_total{"):
+                out["worker_commands"] += float(line.rsplit(" ", 1)[1])
         return out
 
     def device_seconds(self, start: float, end: float) -> float:
