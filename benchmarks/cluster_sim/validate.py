@@ -6,11 +6,12 @@
    slice, seed, functions, ranks, pool and scheduler) through the real stack: HTTP streaming
    client, gateway, NATS, Postgres, S3, the control plane's scheduler and 3 worker processes.
 2. Probes, on the same stack after the replay: requests sent one at a time (nothing else in
-   flight), every function in turn. What the serving path adds beyond the engine is calibrated
-   from them and from the profile: ``request_overhead_s`` = median(probe TTFT - predicted
-   prefill), ``step_overhead_s`` = median(probe gap between tokens - predicted decode step of a
-   batch of one). The probes are not the replay's requests: the replay's queueing, batching and
-   placement are predicted, not fitted.
+   flight), every function in turn, each after a seeded random pause. What the serving path adds
+   beyond the engine is calibrated from them and the profile: ``step_overhead_s`` = median(probe
+   gap between tokens - predicted decode step of one row), and each probe's delay before its
+   first token (TTFT - predicted prefill - step overhead); the simulation draws every request's
+   delay from those (``request_overhead_s`` is their median). The probes are not the replay's
+   requests: the replay's queueing, batching and placement are predicted, not fitted.
 3. Simulated: the same requests (arrival, function, prompt and generated token counts as the
    live run tokenised and generated them), the same ranks, pool pages, max batch, spill threshold
    and placement config, the production policies (``placement.plan``, ``routing.choose_worker``)
