@@ -24,6 +24,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from controlplane.scheduler.model import PlacementConfig
+
 from .profile import load_profile
 from .runner import RunSpec, devices_needed, goodput, run_once
 from .systems import SYSTEMS, PlannerSettings
@@ -54,6 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bisect", type=int, default=3, help="bisection steps of the goodput search")
     p.add_argument("--start-rps-per-worker", type=float, default=2.0)
     p.add_argument("--ray-k", type=int, default=8, help="adapters per replica in ray-lru")
+    p.add_argument(
+        "--max-replicas", type=int, default=None, help="PlacementConfig.max_replicas for both planned systems"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", type=Path, default=None, help="JSON results")
@@ -76,7 +81,9 @@ def make_spec(args: argparse.Namespace) -> RunSpec:
     path = None if args.trace == "poisson" else Path(args.trace or DEFAULT_TRACE)
     shape = trace_shape(path, seed=args.seed)
     wl = WorkloadSpec(functions=args.functions, zipf_s=args.zipf, drift_period_s=args.drift_period, seed=args.seed)
-    return RunSpec(profile, shape, wl, args.duration, args.warmup, args.seed, PlannerSettings(), args.ray_k)
+    config = PlacementConfig(max_replicas=args.max_replicas) if args.max_replicas else None
+    settings = PlannerSettings(config=config)
+    return RunSpec(profile, shape, wl, args.duration, args.warmup, args.seed, settings, args.ray_k)
 
 
 def cost_per_mtok(spec: RunSpec, workers: int, res: dict[str, Any] | None) -> float | None:

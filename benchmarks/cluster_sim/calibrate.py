@@ -129,8 +129,8 @@ def profile_from(fit: dict[str, Any], moves: dict[str, Any], cold_s: float, benc
         "decode_per_group_s": f"{src}: decode fit, rank groups term",
         "max_batch": "the worker's max_batch used by the replay on this machine",
         "adapter_bytes_per_rank": f"{src}: bytes of the q/v adapters built per rank, over rank",
-        "page_bytes": "gpuworker/engine/engine.py page_elems_for(demo config) x 4 bytes (float32)",
-        "pool_bytes": "gpuworker/engine/engine.py default_pool_pages(demo config)",
+        "page_bytes": "gpuworker/engine/engine.py page_elems_for(" + fit["shape"] + " config) x 4 bytes (float32)",
+        "pool_bytes": "gpuworker/engine/engine.py default_pool_pages(" + fit["shape"] + " config)",
         "host_cache_bytes": "choice: 2 GiB of host cache per worker",
         "h2d_bytes_per_s": f"{src}: LoraEngine.load_adapter timed per rank (bytes / seconds over all ranks)",
         "disk_bytes_per_s": f"{src}: AdapterWeights.from_peft_folder timed per rank (page cache warm)",
@@ -139,7 +139,7 @@ def profile_from(fit: dict[str, Any], moves: dict[str, Any], cold_s: float, benc
         "s3_latency_s": "assumption: 20 ms per GET on a local MinIO",
         "peer_bytes_per_s": "assumption: chunked NATS transfer ~200 MB/s on loopback (the live scheduler measures it)",
         "peer_latency_s": "assumption: 2 ms",
-        "backbone_cold_start_s": f"{src}: load_backbone + LoraEngine creation of the demo shape, timed",
+        "backbone_cold_start_s": f"{src}: load_backbone + LoraEngine creation of the " + fit["shape"] + " shape, timed",
         "device_hour_usd": "on-demand price of a 2-vCPU machine (AWS c7i.large, us-east-1 list: $0.0893/h)",
         "token_scale": "the replay's scaling on this machine (launcher/trace.py TraceScaling: tokens x 1/16)",
         "max_prompt_tokens": "the replay's cap (launcher/trace.py TraceScaling)",
@@ -176,11 +176,19 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--from", dest="from_json", type=Path, default=None, help="reuse a rank_interference.py JSON")
     p.add_argument("--out", type=Path, default=PROFILES_DIR / "cpu-this-machine.json")
+    p.add_argument("--save-fit", type=Path, default=None, help="also write the rank_interference.py JSON here")
     p.add_argument("--quick", action="store_true")
-    args_in = p.parse_args(argv)
-    args = ri.parse_args(["--quick"] if args_in.quick else [])
+    # Anything else goes to benchmarks/rank_interference.py (e.g. --shape tiny --rounds 3).
+    args_in, rest = p.parse_known_args(argv)
+    args = ri.parse_args((["--quick"] if args_in.quick else []) + rest)
     bench = ri.setup(args)
-    fit = json.loads(args_in.from_json.read_text()) if args_in.from_json else ri.run(args)
+    if args_in.from_json:
+        fit = json.loads(args_in.from_json.read_text())
+    else:
+        fit = ri.run(args)
+        if args_in.save_fit:  # the raw measurement, for --from
+            args_in.save_fit.parent.mkdir(parents=True, exist_ok=True)
+            args_in.save_fit.write_text(json.dumps(fit, indent=1))
     moves = measure_moves(bench, args)
     cold_s = measure_cold_start(args)
     report(fit, moves, cold_s)

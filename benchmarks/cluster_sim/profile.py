@@ -23,7 +23,7 @@ largest rank instead (kernels that pad to the largest rank, as LoRAServe measure
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
@@ -61,6 +61,12 @@ class Profile:
     max_output_tokens: int
     ttft_slo_s: float
     sources: dict[str, str]
+    # What the serving path adds outside the engine (optional; 0 when a profile does not say):
+    # gateway + NATS + HTTP streaming per request (before the request reaches its worker), and the
+    # worker's own cost per engine step (thread hop, token publishing). Calibrated from probe
+    # requests through the live stack (``benchmarks.cluster_sim.validate``).
+    request_overhead_s: float = 0.0
+    step_overhead_s: float = 0.0
 
     def adapter_bytes(self, rank: int) -> int:
         return self.adapter_bytes_per_rank * rank
@@ -80,10 +86,11 @@ def load_profile(name_or_path: str | Path) -> Profile:
         path = PROFILES_DIR / f"{name_or_path}.json"
     raw = json.loads(path.read_text())
     names = {f.name for f in fields(Profile)}
-    missing = names - set(raw)
+    optional = {f.name for f in fields(Profile) if f.default is not MISSING}
+    missing = names - optional - set(raw)
     if missing:
         raise ValueError(f"profile {path} lacks {sorted(missing)}")
-    unsourced = sorted(n for n in names - {"name", "sources"} if n not in raw["sources"])
+    unsourced = sorted(n for n in names - {"name", "sources"} if n in raw and n not in raw["sources"])
     if unsourced:
         raise ValueError(f"profile {path}: no source for {unsourced}")
-    return Profile(**{k: raw[k] for k in names})
+    return Profile(**{k: raw[k] for k in names if k in raw})

@@ -78,6 +78,13 @@ class SimWorker:
     sum_rem: int = 0  # running rows' tokens still to generate
     owner: int = -1  # dedicated backbone: the one function it serves (-1: none)
     ready_at: float = 0.0  # dedicated backbone: when its cold start ends
+    produced: deque[tuple[float, int]] = field(default_factory=deque)  # (step end, tokens) for reports
+
+    def tokens_per_s(self, now: float, horizon_s: float = 5.0) -> float:
+        """Generated tokens/s over the last ``horizon_s``, as the worker reports it (gpuworker StepStats)."""
+        while self.produced and now - self.produced[0][0] > horizon_s:
+            self.produced.popleft()
+        return sum(n for _, n in self.produced) / horizon_s
 
 
 @dataclass
@@ -103,6 +110,7 @@ class Sim:
         duration_s: float,
         warmup_s: float,
         seed: int = 0,
+        request_delays: list[float] | None = None,
     ) -> None:
         self.p = profile
         self.wl = workload
@@ -115,6 +123,7 @@ class Sim:
         self.duration_s = duration_s
         self.warmup_s = warmup_s
         self.seed = seed
+        self.request_delays = request_delays
         self.now = 0.0
         self.c = Counters()
         self.reqs: list[Req] = []
@@ -136,8 +145,14 @@ class Sim:
             req = Req(i, float(wl.arrival_s[i]), int(wl.function[i]), int(wl.prompt[i]), int(wl.output[i]))
             self.reqs.append(req)
         self.system.setup(self)
-        for req in self.reqs:
-            self.at(req.arrival, self._arrive, req)
+        # The serving path (gateway, NATS, the worker's pull) delays each request on its way to a
+        # worker: a constant from the profile, or draws from measured delays (``request_delays``).
+        if self.request_delays:
+            delays = np.random.default_rng(self.seed).choice(self.request_delays, size=len(self.reqs))
+        else:
+            delays = np.full(len(self.reqs), self.p.request_overhead_s)
+        for req, delay in zip(self.reqs, delays):
+            self.at(req.arrival + float(delay), self._arrive, req)
         end = self.duration_s + drain_s
         while self._events:
             t, _, fn, args = heapq.heappop(self._events)
@@ -271,7 +286,7 @@ class Sim:
     def _next(self, w: SimWorker, t: float) -> None:
         admitted, cost = self._admit(w)
         if admitted:
-            w.action = Action("prefill", t, t + cost, admitted)
+            w.action = Action("prefill", t, t + cost + self.p.step_overhead_s, admitted)
         elif w.running:
             rows = self.system.decode_rows(self, w)
             if rows is w.running:  # the whole batch: aggregates kept incrementally
@@ -279,6 +294,7 @@ class Sim:
             else:
                 ctx = sum(r.prompt + r.output - r.remaining for r in rows)
                 step = em.decode_s(self.p, Counter(r.fn for r in rows), len(rows), self.ranks, ctx)
+            step += self.p.step_overhead_s
             steps = min(r.remaining for r in rows)
             w.action = Action("decode", t, t + steps * step, rows, step, steps)
         else:
@@ -314,6 +330,7 @@ class Sim:
         a = w.action
         w.busy_s += a.end - a.start
         w.action = None
+        w.produced.append((a.end, len(a.reqs) * max(a.steps, 1)))
         if a.kind == "prefill":
             for r in a.reqs:
                 r.first = a.end

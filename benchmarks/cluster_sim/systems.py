@@ -28,6 +28,7 @@ from controlplane.scheduler.model import (
     WorkerState,
     WorkerView,
 )
+from controlplane.scheduler.view import ReportedDemand
 
 from . import engine_model as em
 from .sim import Req, Sim, SimWorker
@@ -77,6 +78,10 @@ class PlannerSettings:
     plan_period_s: float = 10.0
     spill_threshold: int | None = None  # default: the profile's max_batch
     config: PlacementConfig | None = None
+    # Mirror the live control loop (controlplane/scheduler/loop.py) instead of an idealised one:
+    # demand from ReportedDemand over the workers' reports (in-flight invocations per function,
+    # tokens/s over the last 5 s), the config's own worker_capacity, in-flight counted as queued.
+    live_loop: bool = False
 
 
 class Planned(System):
@@ -100,7 +105,8 @@ class Planned(System):
         capacity = em.worker_capacity_tokens(
             sim.p, float(wl.prompt.mean()), float(wl.output.mean()), sum(wl.ranks) / len(wl.ranks)
         )
-        self.config = replace(cfg, worker_capacity=capacity)
+        self.config = cfg if self.settings.live_loop else replace(cfg, worker_capacity=capacity)
+        self.reported = ReportedDemand()
         self.catalog = {
             fname(f): AdapterSpec(fname(f), BACKBONE, r, sim.nbytes[f], sim.npages[f]) for f, r in enumerate(wl.ranks)
         }
@@ -134,6 +140,9 @@ class Planned(System):
             for fn, reqs in w.loading.items():
                 if reqs:
                     queue[fname(fn)] = queue.get(fname(fn), 0) + len(reqs)
+            if self.settings.live_loop:  # a worker reports every invocation it holds, running ones too
+                for fn, rows in w.fn_rows.items():
+                    queue[fname(fn)] = queue.get(fname(fn), 0) + rows
             workers[w.name] = WorkerView(
                 w.name,
                 BACKBONE,
@@ -143,16 +152,21 @@ class Planned(System):
                 tiers,
                 queue,
                 running_batch=len(w.running),
+                tokens_per_s=w.tokens_per_s(sim.now),
             )
         return ClusterView(sim.now, workers)
 
     def _plan(self, sim: Sim, initial: bool) -> None:
         period = self.settings.plan_period_s
-        demand = {
-            fname(f): Demand(fname(f), acc[0] / period, acc[1] / period) for f, acc in sorted(self._window.items())
-        }
+        view = self.view(sim)
+        if self.settings.live_loop:
+            demand = self.reported.estimate(view, self.catalog)
+        else:
+            demand = {
+                fname(f): Demand(fname(f), acc[0] / period, acc[1] / period) for f, acc in sorted(self._window.items())
+            }
         self._window = {}
-        plan = self.plan_fn(self.view(sim), demand, self.catalog, self.placement, self.config, sim.seed)
+        plan = self.plan_fn(view, demand, self.catalog, self.placement, self.config, sim.seed)
         self.placement = plan.placement
         self.shed = plan.shed
         sim.c.moves += 0 if initial else plan.moves
