@@ -114,6 +114,9 @@ class SchedulerSettings(BaseModel):
     # adds a replica); a backbone whose every active worker has more than ``saturated_queue`` in
     # flight sheds new invocations (429 with Retry-After).
     contended_queue: int = 8
+    # Hysteresis: optional placement moves (each an adapter load on a serving worker) per live worker
+    # per minute; a round makes at most PlacementConfig.max_moves of them.
+    moves_per_minute_per_worker: float = 4.0
     saturated_queue: int = 64
     retry_after_s: float = 2.0
     # A gone worker's subject is still swept this long, for gateways routing on an old table.

@@ -239,7 +239,7 @@ def simulate(
     settings = PlannerSettings(
         plan_period_s=sched["interval_s"],
         spill_threshold=sched["spill_threshold"],
-        config=PlacementConfig(contended_queue=sched["spill_threshold"], saturated_queue=sched["saturated_queue"]),
+        config=PlacementConfig(contended_queue=sched["contended_queue"], saturated_queue=sched["saturated_queue"]),
         live_loop=True,
     )
     duration = float(wl.arrival_s.max()) + 1e-6 if len(recs) else 0.0

@@ -23,7 +23,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from nats.aio.client import Client as NATS
@@ -34,6 +34,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from controlplane.scheduler import placement
+from controlplane.scheduler.hysteresis import MoveBudget
 from controlplane.scheduler.metrics import SchedulerMetrics
 from controlplane.scheduler.model import (
     AdapterSpec,
@@ -108,6 +109,7 @@ class SchedulerLoop:
         self.config = PlacementConfig(
             contended_queue=self.settings.contended_queue, saturated_queue=self.settings.saturated_queue
         )
+        self.move_budget = MoveBudget(self.settings.moves_per_minute_per_worker)
         self.demand: DemandSource = ReportedDemand()
         self.advisors: list[Advisor] = []
         self.placement = Placement(0, {}, {})
@@ -173,7 +175,12 @@ class SchedulerLoop:
             return None
         specs = self.specs()
         demand = self.demand.estimate(view, specs)
-        plan = self.policy(view, demand, specs, self.placement, self.config, self.settings.seed)
+        config = self.config
+        if not any(v.state == WorkerState.JOINING for v in view.workers.values()):  # a join is not churn
+            live = sum(1 for v in view.workers.values() if v.state != WorkerState.DEAD)
+            config = replace(config, max_moves=min(config.max_moves, self.move_budget.available(now, live)))
+        plan = self.policy(view, demand, specs, self.placement, config, self.settings.seed)
+        self.move_budget.spend(now, plan.moves - plan.forced_moves)
         extra = [c for advisor in self.advisors for c in advisor.advise(view, demand, plan)]
         self.placement, self.last_plan = plan.placement, plan
         await self._publish(view, plan)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from controlplane.scheduler.hysteresis import MoveBudget
 from controlplane.scheduler.model import (
     AdapterSpec,
     ClusterView,
@@ -279,3 +282,32 @@ def test_routing_counts_a_worker_with_the_adapter_on_its_device_as_a_holder():
     assert choose_worker("f", placement, depth, states, 5, 0) == RouteChoice("a", spilled=False)
     # the baseline knows only its placement
     assert least_loaded("f", placement, depth, states, 5, 0, warm).worker_id == "a"
+
+
+# -- hysteresis across rounds --------------------------------------------------------------
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.floats(0.0, 5.0), st.integers(0, 10)), max_size=60),
+    st.integers(1, 20),
+    st.floats(0.5, 10.0),
+)
+def test_move_budget_never_lets_a_minute_hold_more_than_its_limit(rounds, workers, per_worker):
+    """Whatever each round wants, the optional moves granted in any 60 s window stay within the limit."""
+    budget = MoveBudget(per_worker)
+    limit = math.ceil(per_worker * workers)
+    now, granted = 0.0, []
+    for gap, wanted in rounds:
+        now += gap
+        moves = min(wanted, budget.available(now, workers))
+        budget.spend(now, moves)
+        granted.append((now, moves))
+    for t, _ in granted:
+        assert sum(n for u, n in granted if t - 60.0 < u <= t) <= limit
+
+
+def test_move_budget_refills_after_a_minute():
+    budget = MoveBudget(per_worker_per_minute=4.0)
+    assert budget.available(0.0, 3) == 12
+    budget.spend(0.0, 12)
+    assert budget.available(30.0, 3) == 0
+    assert budget.available(60.0, 3) == 12
