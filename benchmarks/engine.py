@@ -452,9 +452,8 @@ def worker_path_tpot(engine: LoraEngine, prompt: list[int], adapter: str, args) 
 
 async def _worker_path(engine: LoraEngine, prompt: list[int], adapter: str, args) -> float:
     nc = await _nats(args.nats_url)
-    runner = EngineRunner(engine)
+    runner = EngineRunner(engine, policy=ThreadPolicy(args.policy.max_threads))  # applied before every step
     runner.start()
-    await runner.call(ThreadPolicy(args.policy.max_threads).apply, 1)  # on the engine thread
     stamps: list[float] = []
     try:
         request = EngineRequest("w0", adapter, prompt, max_tokens=args.decode_tokens + 1, ignore_eos=True)
