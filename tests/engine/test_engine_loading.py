@@ -75,7 +75,9 @@ def test_a_reserved_adapter_is_never_evicted_and_an_aborted_load_frees_its_pages
         engine.finish_load(engine.begin_load("z", weights["r8"]) or pytest.fail("z fit"))
 
 
-async def test_engine_thread_applies_the_thread_policy_before_every_step(make_engine, model_and_tokenizer, run_all) -> None:
+async def test_engine_thread_applies_the_thread_policy_before_every_step(
+    make_engine, model_and_tokenizer, run_all
+) -> None:
     tokenizer = model_and_tokenizer[1]
     reference = make_engine(max_batch=4)
     requests = [
