@@ -432,6 +432,7 @@ def bench_tpot(setup: Setup, peft, args, progress: Progress) -> dict[str, Any]:
             row["lora_over_peft_one_adapter"] = _paired(samples, "ours_lora", "peft_one_adapter")
         if batch == 1:
             row["worker_over_base"] = _paired(samples, "worker_lora", "ours_base")
+            row["worker_over_engine"] = _paired(samples, "worker_lora", "ours_lora")  # the worker's own overhead
             if samples["peft_one_adapter"]:
                 row["worker_over_peft_one_adapter"] = _paired(samples, "worker_lora", "peft_one_adapter")
             row["step_breakdown_ms"] = step_breakdown(lora, prompts[0], adapters[0], args)
@@ -452,11 +453,15 @@ def worker_path_tpot(engine: LoraEngine, prompt: list[int], adapter: str, args) 
 
 async def _worker_path(engine: LoraEngine, prompt: list[int], adapter: str, args) -> float:
     nc = await _nats(args.nats_url)
-    runner = EngineRunner(engine)
+    runner = EngineRunner(engine, policy=ThreadPolicy(args.policy.max_threads))  # applied before every step
     runner.start()
-    await runner.call(ThreadPolicy(args.policy.max_threads).apply, 1)  # on the engine thread
     stamps: list[float] = []
     try:
+        # A worker's engine thread lives as long as the process: warm this fresh one (its first
+        # torch ops set up thread-local state) before timing, as a worker that has served before.
+        warm = await runner.submit(EngineRequest("warm", adapter, prompt, max_tokens=3, ignore_eos=True))
+        while not (await warm.get()).finished:
+            pass
         request = EngineRequest("w0", adapter, prompt, max_tokens=args.decode_tokens + 1, ignore_eos=True)
         queue = await runner.submit(request)
         while True:
@@ -798,7 +803,13 @@ def render(results: dict[str, Any]) -> None:
                 _fmt(r.get("lora_over_peft_one_adapter"), ".3f"),
             )
         out.print(tpot)
-        breakdown = results["tpot"].get("1", {}).get("step_breakdown_ms")
+        one = results["tpot"].get("1", {})
+        if "worker_over_base" in one:
+            out.print(
+                f"batch 1: worker path / ours base {one['worker_over_base']:.3f}, worker path / ours LoRA (hand-off"
+                f" + publish) {one['worker_over_engine']:.3f}, ours LoRA / ours base {one['lora_over_base']:.3f}"
+            )
+        breakdown = one.get("step_breakdown_ms")
         if breakdown:
             out.print("batch-1 decode step, ms: " + ", ".join(f"{k} {v:.3f}" for k, v in breakdown.items()))
     if results.get("load_stall"):
@@ -929,6 +940,7 @@ def summarise(results: dict[str, Any], args: argparse.Namespace) -> None:
     one = results.get("tpot", {}).get("1")
     results["tpot_batch1_over_base"] = one["worker_over_base"] if one else None
     results["tpot_batch1_engine_over_base"] = one["lora_over_base"] if one else None
+    results["tpot_batch1_worker_over_engine"] = one["worker_over_engine"] if one else None
     results["tpot_batch1_over_peft"] = one.get("worker_over_peft_one_adapter") if one else None
     stall = results["load_stall"]["rows"]
     results["load_stall_ms_by_rank"] = {str(r["rank"]): r["off_thread_stall_ms"] for r in stall}

@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 from gpuworker.engine import EngineRequest, LoraEngine, PoolStats, StepOutput
+from gpuworker.threads import ThreadPolicy
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +69,29 @@ class EngineSnapshot:
 
 
 class EngineRunner:
-    """Owns the engine's thread; the only way anything touches the engine."""
+    """Owns the engine's thread; the only way anything touches the engine.
 
-    def __init__(self, engine: LoraEngine) -> None:
+    One thread runs the step loop itself: between two steps it runs the calls queued by the
+    event loop, then steps while the engine has work, and hands each step's outputs to the
+    event loop with one ``call_soon_threadsafe``. A step costs the event loop one wake-up and no
+    executor round trip (the loop used to make two executor hops and two wake-ups per step: one
+    to ask ``has_work``, one to step). Before each step the thread applies ``ThreadPolicy`` for the
+    running batch (intra-op threads are per thread, so only this thread can set them).
+    """
+
+    def __init__(self, engine: LoraEngine, policy: ThreadPolicy | None = None) -> None:
         self.engine = engine
+        self.policy = policy if policy is not None else ThreadPolicy()
         self.stats = StepStats()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._queues: dict[str, asyncio.Queue[StepOutput | EngineFailed]] = {}
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        # Calls queued for the engine thread, each with the future its caller awaits.
+        self._calls: deque[tuple[Callable[[], None], asyncio.Future]] = deque()
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stepping = False  # set by start(): before it, the thread only runs calls
+        self._stop = False
+        self._dead = False  # the thread has left its loop (stopped or failed)
         self.steps = 0
         self.failure: EngineFailed | None = None
         self._failed = asyncio.Event()
@@ -89,20 +104,28 @@ class EngineRunner:
     # --- calls on the engine thread -----------------------------------------------------
     async def call(self, fn: Callable[..., T], *args: object) -> T:
         """Run ``fn(*args)`` on the engine thread, between two steps; then refresh the snapshot."""
-        return await self._on_thread(fn, *args, snapshot=True)
-
-    async def _on_thread(self, fn: Callable[..., T], *args: object, snapshot: bool) -> T:
         if self.failure is not None:
             raise self.failure
+        loop = asyncio.get_running_loop()
+        self._ensure_thread(loop)
+        future: asyncio.Future[T] = loop.create_future()
 
-        def run() -> T:
+        def run() -> None:
             try:
-                return fn(*args)
-            finally:
-                if snapshot:  # swapping one reference: readers see the old or the new, never a mix
-                    self.snapshot = self._take_snapshot()
+                result = fn(*args)
+            except BaseException as e:  # the caller's error, not the engine's: it goes back to the caller
+                loop.call_soon_threadsafe(_settle, future, None, e)
+            else:
+                loop.call_soon_threadsafe(_settle, future, result, None)
+            finally:  # swapping one reference: readers see the old or the new, never a mix
+                self.snapshot = self._take_snapshot()
 
-        return await asyncio.get_running_loop().run_in_executor(self._executor, run)
+        with self._cv:
+            if self._dead:  # the thread has left: nobody would run it
+                raise self.failure or EngineFailed("the engine thread has stopped")
+            self._calls.append((run, future))
+            self._cv.notify()
+        return await future
 
     def _take_snapshot(self) -> EngineSnapshot:
         engine = self.engine
@@ -116,14 +139,27 @@ class EngineRunner:
 
     # --- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="engine-steps")
+        """Start stepping (call from the event loop that will read the outputs)."""
+        self._ensure_thread(asyncio.get_running_loop())
+        with self._cv:
+            self._stepping = True
+            self._cv.notify()
+
+    def _ensure_thread(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._thread is None:
+            self._loop = loop
+            self._thread = threading.Thread(target=self._run, name="engine-steps", daemon=True)
+            self._thread.start()
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        # A failed or stuck engine thread cannot be joined: do not wait for it.
-        self._executor.shutdown(wait=self.failure is None and self.stalled_s() == 0.0, cancel_futures=True)
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        thread = self._thread
+        # A failed or stuck engine thread cannot be joined (it may sit in a step that never
+        # returns; it is a daemon thread): do not wait for it. A healthy one leaves after its step.
+        if thread is not None and self.failure is None:
+            await asyncio.to_thread(thread.join, 30)
 
     async def wait_failed(self) -> EngineFailed:
         """Return once the engine loop has stopped on an error."""
@@ -158,45 +194,72 @@ class EngineRunner:
         except Exception:
             self._queues.pop(request.request_id, None)
             raise
-        self._wake.set()
         return queue
 
     async def abort(self, request_id: str) -> None:
         await self.call(self.engine.abort, request_id)
-        self._wake.set()
 
     @property
     def running(self) -> int:
         return len(self._queues)
 
-    # --- the step loop -------------------------------------------------------------------
-    async def _loop(self) -> None:
+    # --- the engine thread ---------------------------------------------------------------
+    def _run(self) -> None:
+        """The engine thread: queued calls between steps, then a step while there is work."""
+        engine = self.engine
+        while True:
+            with self._cv:
+                while not self._stop and not self._calls and not (self._stepping and engine.has_work()):
+                    if self._busy:
+                        self._busy, self._progress_at = False, time.monotonic()
+                    self._cv.wait()
+                if self._stop:
+                    self._leave()
+                    return
+                calls = list(self._calls)
+                self._calls.clear()
+            for run, _ in calls:
+                run()
+            if not (self._stepping and engine.has_work()):
+                continue
+            if not self._busy:
+                self._busy, self._progress_at = True, time.monotonic()
+            try:
+                self.policy.apply(max(engine.num_running(), 1))
+                started = time.perf_counter()
+                outputs = engine.step()
+                elapsed = time.perf_counter() - started
+                self.steps += 1  # before the snapshot, which reports it
+                self.snapshot = self._take_snapshot()
+            except Exception as e:  # the engine cannot go on: say so, fail what it held, stop
+                self._post(self._fail, e)
+                self._leave()
+                return
+            self._progress_at = time.monotonic()
+            self._post(self._deliver, outputs, elapsed)
+
+    def _leave(self) -> None:
+        """The thread is leaving: calls still queued fail (their callers must not wait forever)."""
+        with self._cv:
+            self._dead = True
+            left = list(self._calls)
+            self._calls.clear()
+        for _, future in left:
+            self._post(self._abandon, future)
+
+    def _abandon(self, future: asyncio.Future) -> None:
+        _settle(future, None, self.failure or EngineFailed("the engine thread has stopped"))
+
+    def _post(self, fn: Callable[..., object], *args: object) -> None:
+        assert self._loop is not None
         try:
-            while True:
-                if not await self._on_thread(self.engine.has_work, snapshot=False):
-                    self._busy, self._progress_at = False, time.monotonic()
-                    self._wake.clear()
-                    await self._wake.wait()
-                    continue
-                if not self._busy:
-                    self._busy, self._progress_at = True, time.monotonic()
-                await self._step()
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # the engine cannot go on: say so, fail what it held, stop
-            self._fail(e)
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the event loop is closed: nobody is left to read the outputs
+            pass
 
-    async def _step(self) -> None:
-        started = time.perf_counter()
-
-        def step() -> list[StepOutput]:
-            outputs = self.engine.step()
-            self.steps += 1  # before the snapshot, which reports it
-            return outputs
-
-        outputs = await self.call(step)
-        self._progress_at = time.monotonic()
-        self.stats.record(time.perf_counter() - started, len(outputs))
+    def _deliver(self, outputs: list[StepOutput], elapsed: float) -> None:
+        """On the event loop: one call per step puts every output on its request's queue."""
+        self.stats.record(elapsed, len(outputs))
         for out in outputs:
             queue = self._queues.get(out.request_id)
             if queue is not None:
@@ -209,13 +272,29 @@ class EngineRunner:
         had raised (a thread inside a hung step cannot be stopped; the process must exit)."""
         if self.failure is None:
             self._fail(TimeoutError(f"no engine step completed in {stalled_s:.0f}s while requests waited"))
-        if self._task is not None:
-            self._task.cancel()
+        with self._cv:
+            self._stop = True  # the thread leaves after the step it is in, if it ever returns
 
     def _fail(self, error: Exception) -> None:
+        if self.failure is not None:
+            return
         log.critical("engine loop stopped: %r; failing %d requests in flight", error, len(self._queues), exc_info=error)
         self.failure = EngineFailed(f"the engine stopped: {error!r}")
         self._failed.set()
         for queue in self._queues.values():
             queue.put_nowait(self.failure)
         self._queues.clear()
+        with self._cv:  # calls the (failed or hung) thread has not taken fail too
+            left = list(self._calls)
+            self._calls.clear()
+        for _, future in left:
+            _settle(future, None, self.failure)
+
+
+def _settle(future: asyncio.Future[T], result: T | None, error: BaseException | None) -> None:
+    if future.done():  # the caller gave up waiting (cancelled)
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)  # type: ignore[arg-type]

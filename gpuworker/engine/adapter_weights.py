@@ -59,19 +59,6 @@ class LoraSlice:
         b = flat[self.b_offset : self.b_offset + self.out_features * self.rank].view(self.out_features, self.rank)
         return a, b
 
-    def stacked_pair(self, flat: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A^T in x rank, scaling * B^T rank x out), zero-padded from this slice's rank to ``rank``.
-
-        A batch computes one rank per group of modules; the zero rows and columns of a module
-        with a smaller rank (``rank_pattern``) add exactly nothing to its delta.
-        """
-        a, b = self.pair(flat)
-        a_t, b_t = a.t(), b.t() * self.scaling
-        if rank > self.rank:
-            a_t = torch.nn.functional.pad(a_t, (0, rank - self.rank))
-            b_t = torch.nn.functional.pad(b_t, (0, 0, 0, rank - self.rank))
-        return a_t, b_t
-
 
 class AdapterWeights:
     """A validated LoRA adapter on the host: one flat tensor plus its layout (ranks and scalings per module)."""
@@ -117,12 +104,107 @@ class AdapterWeights:
         """Read adapter_config.json + adapter_model.safetensors and validate them against the backbone."""
         folder = Path(folder)
         plan = PeftLoraConfig.from_file(folder / CONFIG_FILE).plan(model_config.num_hidden_layers)
-        tensors = _read_tensors(folder)
-        pairs = plan.match_tensors({n: tuple(t.shape) for n, t in tensors.items()}, module_dims(model_config))
-        for name, tensor in tensors.items():
+        dims = module_dims(model_config)
+        mapped = _map_file(folder / WEIGHTS_FILE)
+        if mapped is not None:  # the common case: one read, no copy; the file's data region is the flat
+            data, tensors = mapped
+            pairs = plan.match_tensors({n: tuple(t.shape) for n, t in tensors.items()}, dims)
+            if _all_finite(data):
+                return cls(data, _layout_in(data, pairs, tensors, dims), source=str(folder))
+        else:
+            tensors = _read_tensors(folder)
+            pairs = plan.match_tensors({n: tuple(t.shape) for n, t in tensors.items()}, dims)
+        for name, tensor in tensors.items():  # names the offending tensor
             _check_values(name, tensor)
-        flat, layout = _pack(pairs, tensors, module_dims(model_config))
+        flat, layout = _pack(pairs, tensors, dims)
         return cls(flat, layout, source=str(folder))
+
+
+# safetensors dtype names -> torch dtypes the fast path reads (floating point only: anything else
+# takes the general path, which names the offending tensor).
+_FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+_MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
+
+
+def _map_file(path: Path) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+    """Read a safetensors file once into one host buffer (page-locked when CUDA exists) and return its
+    data region as one flat tensor plus a view per tensor, or None when the file is not the simple
+    well-formed case (one floating dtype, aligned, tensors tiling the data region exactly): then the
+    general path (``safetensors.load_file``) reads it and reports what is wrong.
+
+    The floor of a disk load is one read of the file; ``load_file`` + packing made two more copies
+    (tensors out of the file, then into the packed vector) and pinning a third. Here the tensors are
+    views into the buffer and the layout's offsets point at them where the file put them.
+    """
+    import json
+    import math
+
+    try:
+        size = path.stat().st_size
+        if size < 8:
+            return None
+        buf = torch.empty(size, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+        with path.open("rb") as f:
+            if f.readinto(buf.numpy().data) != size:
+                return None
+        header_len = int.from_bytes(bytes(buf[:8].numpy()), "little")
+        if not 0 < header_len <= min(_MAX_HEADER, size - 8):
+            return None
+        header = json.loads(bytes(buf[8 : 8 + header_len].numpy()))
+    except (OSError, ValueError, RuntimeError):
+        return None
+    if not isinstance(header, dict):
+        return None
+    header.pop("__metadata__", None)
+    start = 8 + header_len
+    entries, dtypes = [], set()
+    for name, info in header.items():
+        if not isinstance(info, dict) or info.get("dtype") not in _FLOAT_DTYPES:
+            return None
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            return None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            return None
+        dtype = _FLOAT_DTYPES[info["dtype"]]
+        if offsets[1] - offsets[0] != math.prod(shape) * dtype.itemsize:
+            return None
+        entries.append((offsets[0], offsets[1], name, shape))
+        dtypes.add(dtype)
+    if len(dtypes) != 1 or not entries:
+        return None
+    dtype = dtypes.pop()
+    entries.sort()
+    end = 0
+    for lo, hi, _, _ in entries:  # the tensors tile the data region: no gap, no overlap, nothing past the end
+        if lo != end:
+            return None
+        end = hi
+    if start + end != size or start % dtype.itemsize:
+        return None
+    data = buf[start:].view(dtype)
+    tensors = {name: data[lo // dtype.itemsize : hi // dtype.itemsize].view(shape) for lo, hi, name, shape in entries}
+    return data, tensors
+
+
+def _all_finite(data: torch.Tensor) -> bool:
+    """One pass over the weights: min and max are finite only if every value is (NaN propagates)."""
+    lo, hi = torch.aminmax(data)
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
+
+
+def _layout_in(
+    data: torch.Tensor, pairs: list[TensorPair], tensors: dict[str, torch.Tensor], dims: dict[str, tuple[int, int]]
+) -> tuple[LoraSlice, ...]:
+    """The layout of each (layer, module) at the offsets its tensors already have inside ``data``."""
+    base = int(data.storage_offset())
+    layout = []
+    for p in pairs:
+        t = p.target
+        fan_in, fan_out = dims[t.module]
+        a_offset, b_offset = int(tensors[p.a].storage_offset()) - base, int(tensors[p.b].storage_offset()) - base
+        layout.append(LoraSlice(t.layer, t.module, fan_in, fan_out, a_offset, b_offset, t.rank, t.scaling))
+    return tuple(layout)
 
 
 def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:

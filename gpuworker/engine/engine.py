@@ -325,7 +325,7 @@ class LoraEngine:
             t0 = time.perf_counter()
             rows = [seq.req.adapter_id] * len(seq.req.prompt_ids)
             ids = torch.tensor(seq.req.prompt_ids, dtype=torch.long, device=self.device)
-            logits = self.runner.prefill(slot, ids, self.builder.build(rows))
+            logits = self.runner.prefill(slot, ids, self.builder.build(rows, prefill=True))
             seq.length = len(seq.req.prompt_ids)
             if self.on_logits is not None:
                 self.on_logits([seq.req.request_id], logits[None])

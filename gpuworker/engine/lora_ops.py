@@ -67,6 +67,24 @@ class RankGroup:
             y.baddbmm_(t[:, :, j * r : (j + 1) * r], self.b[j])  # y += t_j @ (scaling * B_j^T)
 
 
+@dataclass
+class ViewGroup:
+    """One adapter's m rows computed on views of its weights where they lie (no stacking): what a
+    prefill uses when the adapter's stacks are not built yet, so a cold adapter's first token does
+    not wait for them (its first decode step builds them). Two GEMMs per module; at prefill's many
+    rows that costs what the stacked form costs."""
+
+    start: int
+    m: int
+    modules: tuple[tuple[str, torch.Tensor, torch.Tensor, float], ...]  # (module, A [r, in], B [out, r], scaling)
+
+    def apply(self, x: torch.Tensor, outs: dict[str, torch.Tensor]) -> None:
+        rows = slice(self.start, self.start + self.m)
+        xs = x[rows]
+        for module, a, b, scaling in self.modules:
+            outs[module][rows].addmm_(torch.mm(xs, a.t()), b.t(), alpha=scaling)
+
+
 class LoraBatch:
     """The LoRA work of one batch composition: rank groups per (layer, site).
 
@@ -74,7 +92,7 @@ class LoraBatch:
     holding its request ``order[i]``, so each group's rows are one contiguous slice.
     """
 
-    def __init__(self, groups: dict[tuple[int, str], list[RankGroup]], order: list[int]) -> None:
+    def __init__(self, groups: dict[tuple[int, str], list[RankGroup | ViewGroup]], order: list[int]) -> None:
         self.groups = groups
         self.order = order
         self.empty = not any(groups.values())
@@ -98,6 +116,9 @@ class StackCache:
         self._entries: OrderedDict[tuple, tuple[torch.Tensor, tuple[torch.Tensor, ...]]] = OrderedDict()
         self._bytes = 0
         self.builds = 0  # how many stacks were gathered (tests assert steady decode adds none)
+
+    def __contains__(self, key: tuple) -> bool:
+        return key in self._entries
 
     def get(self, key: tuple, build: Callable[[], tuple[torch.Tensor, tuple[torch.Tensor, ...]]]):
         hit = self._entries.get(key)
@@ -142,8 +163,12 @@ class LoraBatchBuilder:
         self._read_flat = read_flat
         self.cache = cache
 
-    def build(self, rows: list[str | None]) -> LoraBatch:
+    def build(self, rows: list[str | None], prefill: bool = False) -> LoraBatch:
         """Order the rows so each adapter's rows are adjacent, then group adapters per (layer, site).
+
+        ``prefill``: one adapter's prompt; where its stacks are not cached yet, compute on views of
+        its weights instead of building them (``ViewGroup``), so a cold adapter's TTFT does not
+        include the stacking; the first decode step with it builds the stacks.
 
         Rows are sorted by (rank, rows per adapter, targeted modules, adapter id), backbone-only
         rows last; a group is a run of adjacent adapters with the same rank, row count and modules
@@ -158,36 +183,64 @@ class LoraBatchBuilder:
         adapters = sorted(by_adapter, key=lambda a: (metas[a].rank, len(by_adapter[a]), sorted(slices[a]), a))
         order = [i for a in adapters for i in by_adapter[a]] + [i for i, a in enumerate(rows) if a is None]
         flats: dict[str, torch.Tensor] = {}  # each adapter's pages gathered at most once per build
-        groups: dict[tuple[int, str], list[RankGroup]] = {}
+        groups: dict[tuple[int, str], list[RankGroup | ViewGroup]] = {}
         for layer in range(self.num_layers):
             for site, modules in SITES.items():
                 runs = _runs(adapters, lambda a: _site_key(slices[a], layer, modules, len(by_adapter[a])))  # noqa: B023 (called at once)
                 groups[(layer, site)] = [
-                    self._group(layer, site, key, ids, start, metas, flats) for key, ids, start in runs if key[2]
+                    self._group(layer, site, key, ids, start, slices, flats, prefill)
+                    for key, ids, start in runs
+                    if key[2]
                 ]
         return LoraBatch(groups, order)
 
-    def _group(self, layer, site, key, ids, start, metas, flats) -> RankGroup:
+    def _group(self, layer, site, key, ids, start, slices, flats, prefill=False) -> RankGroup | ViewGroup:
         rank, m, modules = key
-        a_cat, bs = self.cache.get(
-            (layer, site, ids, modules, rank), lambda: self._stack(layer, modules, ids, rank, metas, flats)
-        )
+        cache_key = (layer, site, ids, modules, rank)
+        if prefill and len(ids) == 1 and cache_key not in self.cache:
+            adapter = ids[0]
+            if adapter not in flats:
+                flats[adapter] = self._read_flat(adapter)
+            views = []
+            for module in modules:
+                s = slices[adapter][(layer, module)]
+                views.append((module, *s.pair(flats[adapter]), s.scaling))
+            return ViewGroup(start, m, tuple(views))
+        a_cat, bs = self.cache.get(cache_key, lambda: self._stack(layer, modules, ids, rank, slices, flats))
         return RankGroup(modules, rank, len(ids), m, start, a_cat, bs)
 
-    def _stack(self, layer, modules, ids, rank, metas, flats) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """[k, in, r*n] A^T side by side per module, and per module [k, r, out] scaling * B^T (r: the group's rank)."""
-        a_cols, bs = [], []
-        for module in modules:
-            a_list, b_list = [], []
-            for a in ids:
-                if a not in flats:
-                    flats[a] = self._read_flat(a)
-                a_t, b_t = metas[a].slices()[(layer, module)].stacked_pair(flats[a], rank)
-                a_list.append(a_t)
-                b_list.append(b_t)
-            a_cols.append(torch.stack(a_list))
-            bs.append(torch.stack(b_list).contiguous())
-        return torch.cat(a_cols, dim=2).contiguous(), tuple(bs)
+    def _stack(self, layer, modules, ids, rank, slices, flats) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """[k, in, r*n] A^T side by side per module, and per module [k, r, out] scaling * B^T (r: the group's rank).
+
+        Each weight is written once, straight into the stacked tensor (a transposing copy for A, a
+        scaling multiply for B): a cold adapter's first batch pays one pass over its bytes here.
+        A module of smaller rank than the group's (``rank_pattern``) is zero-padded.
+        """
+        k = len(ids)
+        a_cat: torch.Tensor | None = None
+        bs: list[torch.Tensor] = []
+        for j, module in enumerate(modules):
+            b_stack: torch.Tensor | None = None
+            for i, adapter in enumerate(ids):
+                if adapter not in flats:
+                    flats[adapter] = self._read_flat(adapter)
+                flat = flats[adapter]
+                s = slices[adapter][(layer, module)]
+                a, b = s.pair(flat)
+                if a_cat is None:
+                    a_cat = flat.new_empty(k, s.in_features, rank * len(modules))
+                if b_stack is None:
+                    b_stack = flat.new_empty(k, rank, s.out_features)
+                cols = slice(j * rank, j * rank + s.rank)
+                a_cat[i, :, cols].copy_(a.t())
+                torch.mul(b.t(), s.scaling, out=b_stack[i, : s.rank])
+                if s.rank < rank:  # zero rows / columns add exactly nothing
+                    a_cat[i, :, j * rank + s.rank : (j + 1) * rank].zero_()
+                    b_stack[i, s.rank :].zero_()
+            assert b_stack is not None
+            bs.append(b_stack)
+        assert a_cat is not None
+        return a_cat, tuple(bs)
 
 
 def _site_key(

@@ -60,12 +60,14 @@ class PageAllocator:
         """Take ``n`` pages; raises PoolFullError (and takes nothing) if fewer are free."""
         if n > len(self._free):
             raise PoolFullError(f"need {n} pages, {len(self._free)} free", needed=n, available=len(self._free))
-        pages = self._free[len(self._free) - n :]
+        # The free list's tail, reversed: ascending page ids, so an adapter usually gets one run
+        # of consecutive pages (which the pool reads back as a view, without a gather).
+        pages = self._free[len(self._free) - n :][::-1]
         del self._free[len(self._free) - n :]
         return pages
 
     def free(self, pages: list[int]) -> None:
-        self._free.extend(pages)
+        self._free.extend(reversed(pages))  # the next alloc of as many pages takes this run back, ascending
 
 
 @dataclass
@@ -207,7 +209,12 @@ class PagedAdapterPool:
             self.data[entry.pages[full], :tail] = flat[full * self.page_elems :]
 
     def read(self, entry: PoolEntry) -> torch.Tensor:
-        """The adapter's flat vector, gathered from its pages (a copy; done once per batch composition)."""
+        """The adapter's flat vector: a view of the pool when its pages are one ascending run, else
+        gathered from its pages (a copy). Read once per batch composition that brings it in; a view
+        is only valid while the adapter is resident (the engine drops what it built from it on eviction)."""
+        first, n = entry.pages[0], len(entry.pages)
+        if entry.pages[-1] - first == n - 1 and all(b == a + 1 for a, b in zip(entry.pages, entry.pages[1:])):
+            return self.data[first : first + n].view(-1)[: entry.numel]
         return self.data.index_select(0, entry.page_index).view(-1)[: entry.numel]
 
     # -- LRU and pins -----------------------------------------------------------------------

@@ -43,6 +43,33 @@ def test_tensors_round_trip_from_the_file(assets, weights) -> None:
     assert torch.equal(b, tensors[A_KEY.replace("lora_A", "lora_B")])
 
 
+def test_every_pair_is_read_in_place_from_the_file_and_matches_the_general_path(
+    assets, weights, model_and_tokenizer, tmp_path
+) -> None:
+    """The fast path keeps the file's data region as the flat vector (no packing copy); its layout
+    must give every (layer, module) exactly the tensors ``load_file`` gives, for every adapter."""
+    for name, w in weights.items():
+        path = assets.adapters[name] / "adapter_model.safetensors"
+        tensors = load_file(str(path))
+        assert w.nbytes == sum(t.numel() * t.element_size() for t in tensors.values()) < path.stat().st_size
+        for s in w.layout:
+            parent = "self_attn" if s.module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            key = f"base_model.model.model.layers.{s.layer}.{parent}.{s.module}.lora_A.weight"
+            a, b = s.pair(w.flat)
+            assert torch.equal(a, tensors[key]) and torch.equal(b, tensors[key.replace("lora_A", "lora_B")])
+    # A file the fast path does not take (two dtypes) goes through load_file and packs the same values.
+    folder = _copy(assets.adapters["r8"], tmp_path)
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    tensors[A_KEY] = tensors[A_KEY].double()
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    mixed = AdapterWeights.from_peft_folder(folder, model_and_tokenizer[0].config)
+    assert mixed.flat.dtype == torch.float32 and mixed.layout[0].a_offset == 0
+    for s in mixed.layout:
+        a, b = s.pair(mixed.flat)
+        ref_a, ref_b = weights["r8"].lora_pair(s.layer, s.module)  # type: ignore[misc]
+        assert torch.equal(a, ref_a) and torch.equal(b, ref_b)
+
+
 def test_alpha_and_rslora_scaling(assets, model_and_tokenizer, tmp_path) -> None:
     folder = _copy(assets.adapters["r8"], tmp_path)
     _edit_config(folder, lora_alpha=32, use_rslora=True)

@@ -75,7 +75,9 @@ def test_a_reserved_adapter_is_never_evicted_and_an_aborted_load_frees_its_pages
         engine.finish_load(engine.begin_load("z", weights["r8"]) or pytest.fail("z fit"))
 
 
-async def test_engine_thread_serves_requests_on_one_intra_op_thread(make_engine, model_and_tokenizer, run_all) -> None:
+async def test_engine_thread_applies_the_thread_policy_before_every_step(
+    make_engine, model_and_tokenizer, run_all
+) -> None:
     tokenizer = model_and_tokenizer[1]
     reference = make_engine(max_batch=4)
     requests = [
@@ -86,12 +88,20 @@ async def test_engine_thread_serves_requests_on_one_intra_op_thread(make_engine,
         reference.add_request(EngineRequest(req.request_id, req.adapter_id, req.prompt_ids, 6, ignore_eos=True))
     expected = {rid: _tokens(outs) for rid, outs in run_all(reference).items()}
 
-    runner = EngineRunner(make_engine(max_batch=4))
+    # The runner applies the policy itself before every step, on its own thread: a batch of up to
+    # 2 rows gets one intra-op thread, 3 rows get 2 (small_batch=2 here, so both cases happen).
+    runner = EngineRunner(make_engine(max_batch=4), policy=ThreadPolicy(max_threads=2, small_batch=2))
+    seen: list[tuple[int, int]] = []  # (running, intra-op threads) at each step, seen on the engine thread
+    engine_step = runner.engine.step
+
+    def step() -> list:
+        seen.append((runner.engine.num_running(), torch.get_num_threads()))
+        return engine_step()
+
+    runner.engine.step = step  # type: ignore[method-assign]
     runner.start()
     try:
-        await runner.call(ThreadPolicy(max_threads=2, small_batch=4).apply, 3)
         queues = [await runner.submit(req) for req in requests]
-        threads_seen = await runner.call(torch.get_num_threads)  # runs on the engine thread
         got = {}
         for req, queue in zip(requests, queues):
             outs = [await asyncio.wait_for(queue.get(), 30)]
@@ -99,10 +109,12 @@ async def test_engine_thread_serves_requests_on_one_intra_op_thread(make_engine,
                 outs.append(await asyncio.wait_for(queue.get(), 30))
             got[req.request_id] = _tokens(outs)
         assert got == expected
-        assert threads_seen == 1  # a batch of 3 runs on one intra-op thread
-        assert runner.stats.latencies
+        assert runner.stats.latencies and runner.steps == len(seen)
+        assert {threads for running, threads in seen if running <= 2} == {1}
+        assert {threads for running, threads in seen if running == 3} == {2}
     finally:
         await runner.stop()
+    assert runner._thread is not None and not runner._thread.is_alive()  # stop() ends the thread
 
 
 @pytest.mark.gpu

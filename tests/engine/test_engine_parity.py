@@ -97,9 +97,11 @@ def test_stacks_are_gathered_once_per_composition(make_engine, model_and_tokeniz
     for req in _requests(model_and_tokenizer[1]):
         req.max_tokens = 6
         engine.add_request(req)
-    engine.step()  # prefill everything
+    engine.step()  # prefill everything: on views of each adapter's weights, nothing stacked yet
+    assert engine.stacks.builds == 0, "a cold adapter's first token waited for its stacks"
     engine.step()  # first mixed decode: gathers the stacks
     builds = engine.stacks.builds
+    assert builds > 0
     for _ in range(3):
         engine.step()
     assert engine.stacks.builds == builds, "a steady batch re-gathered adapter weights"
