@@ -115,6 +115,14 @@ class SchedulerSettings(BaseModel):
     # A gone worker's subject is still swept this long, for gateways routing on an old table.
     reroute_ttl_s: float = 120.0
     seed: int = 0
+    # Predictive prefetch and scale-to-zero (issue 15): "off", or "hazard" (the idle-time
+    # histogram read as a hazard, ``controlplane.scheduler.predict``). On, the predictor decides
+    # the device residency of every function (prefetch before its forecast arrival, unload when
+    # forecast idle) and the loop no longer keeps every placed adapter loaded.
+    predictor: str = "off"
+    predictor_bucket_s: float = 5.0
+    # Keep an adapter where the odds of an invocation in the next bucket reach this.
+    predictor_threshold: float = 0.2
 
 
 class ControlPlaneSettings(BaseModel):
