@@ -115,10 +115,10 @@ class SchedulerSettings(BaseModel):
     # A gone worker's subject is still swept this long, for gateways routing on an old table.
     reroute_ttl_s: float = 120.0
     seed: int = 0
-    # Predictive prefetch and scale-to-zero (issue 15): "off", or "hazard" (the idle-time
-    # histogram read as a hazard, ``controlplane.scheduler.predict``). On, the predictor decides
-    # the device residency of every function (prefetch before its forecast arrival, unload when
-    # forecast idle) and the loop no longer keeps every placed adapter loaded.
+    # Device residency of placed adapters (issue 15): "off" keeps every placed adapter loaded;
+    # "hazard" predicts (the idle-time histogram read as a hazard, ``controlplane.scheduler.predict``):
+    # prefetch before a function's forecast arrival, unload when it is forecast idle; "reactive"
+    # loads an adapter only when an invocation needs it (the S-LoRA-style baseline).
     predictor: str = "off"
     predictor_bucket_s: float = 5.0
     # Keep an adapter where the odds of an invocation in the next bucket reach this.

@@ -14,11 +14,12 @@ Commands run as background requests (one at a time per worker and adapter), so a
 prefetch never delays a round. Extra decisions (a demand predictor's prefetches and
 unloads) plug in as ``advisors``; a predictor can also stand in for ``demand``.
 
-With ``scheduler.predictor`` set (e.g. "hazard"), the loop runs the ``PredictiveAdvisor``
+With ``scheduler.predictor`` set to "hazard", the loop runs the ``PredictiveAdvisor``
 (``prefetch``): it prefetches each placed adapter before its forecast arrival and unloads it
 when it is forecast idle. An advisor that ``owns`` a function's residency takes it over from
 step 2: neither keep-in-step nor the plan's "placed" prefetch loads it back (they would undo
-every unload), and a joining worker does not wait for it before activation.
+every unload), and a joining worker does not wait for it before activation. "reactive" loads
+nothing ahead of an invocation (``OnDemand``); "off" keeps every placed adapter loaded.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from controlplane.scheduler.model import (
     Tier,
     WorkerState,
 )
-from controlplane.scheduler.prefetch import PREDICTORS, PredictiveAdvisor
+from controlplane.scheduler.prefetch import PREDICTORS, OnDemand, PredictiveAdvisor
 from controlplane.scheduler.reroute import Rerouter
 from controlplane.scheduler.view import ClusterTracker, ReportedDemand, adapter_spec
 from controlplane.services import functions as function_service
@@ -146,9 +147,12 @@ class SchedulerLoop:
             await self._start_predictor()
 
     async def _start_predictor(self) -> None:
+        if self.settings.predictor == "reactive":
+            self.advisors.append(OnDemand())
+            return
         make = PREDICTORS.get(self.settings.predictor)
         if make is None:
-            known = ", ".join(["off", *PREDICTORS])
+            known = ", ".join(["off", "reactive", *PREDICTORS])
             raise ValueError(f"unknown scheduler.predictor {self.settings.predictor!r}; one of {known}")
         threshold = self.settings.predictor_threshold
         self.predictor = PredictiveAdvisor(

@@ -98,3 +98,15 @@ class PredictiveAdvisor:
             view, plan.placement, dict(self.specs()), self.forecaster.forecast(), self.config
         )
         return self.last_commands
+
+
+class OnDemand:
+    """Reactive loading (``scheduler.predictor = "reactive"``, the S-LoRA-style baseline): the loop
+    prefetches nothing, an adapter loads when an invocation needs it and leaves the device under
+    the worker's LRU. It owns every function's residency, so keep-in-step does not load them."""
+
+    def owns(self, function_id: str) -> bool:
+        return True
+
+    def advise(self, view: ClusterView, demand: Mapping[str, Demand], plan: Plan) -> Iterable[Command]:
+        return ()

@@ -101,7 +101,7 @@ async def _rounds(loop: SchedulerLoop, worker: FakeWorker, n: int) -> None:
     await asyncio.sleep(0.5)  # the commands run as background requests
 
 
-@pytest.mark.parametrize("predictor", ["hazard", "off"])
+@pytest.mark.parametrize("predictor", ["hazard", "off", "reactive"])
 async def test_loop_runs_the_predictor_and_keeps_its_unloads(settings: Settings, predictor: str) -> None:
     # hot: invoked every second of the last minute; idle: every second from 400 s to 300 s ago,
     # silent since (longer than any idle time it had); cold: never invoked.
@@ -130,6 +130,10 @@ async def test_loop_runs_the_predictor_and_keeps_its_unloads(settings: Settings,
         if predictor == "off":  # the old conflict: keep-in-step loads every placed adapter
             assert loop.predictor is None
             assert {idle, cold} <= worker.sent("prefetch")
+            return
+        if predictor == "reactive":  # nothing loaded ahead of an invocation, nothing unloaded by the loop
+            assert loop.predictor is None
+            assert not {hot, idle, cold} & (worker.sent("prefetch") | worker.sent("evict") | worker.sent("offload"))
             return
         assert loop.predictor is not None and {hot, idle} <= set(loop.predictor.forecaster.functions)
         forecast = loop.predictor.forecaster.forecast()
