@@ -55,6 +55,8 @@ class RequestRecord:
     error: str = ""
     backbone_ready: float | None = None  # set when the backbone was not resident at arrival
     load_s: float = 0.0
+    queue_wait_s: float = 0.0  # the worker's measure: accepted by the gateway -> in a batch
+    worker_ttft_s: float = 0.0  # the worker's measure: accepted by the gateway -> first token
 
     @property
     def ok(self) -> bool:
@@ -152,11 +154,32 @@ async def replay_system(
             return records, mono_start, time.monotonic()
 
 
+async def warm_up(system: System, functions: list[FunctionSpec], rounds: int, seed: int) -> None:
+    """Serve ``rounds`` short requests per function, one at a time, before measuring: every
+    system's fresh processes pay their first-use costs (allocator, kernels, connections) here,
+    not in the first system's measured requests. Every system gets the same warm-up."""
+    headers = {"Authorization": f"Bearer {system.api_key}"}
+    async with httpx.AsyncClient(base_url=system.url, headers=headers, timeout=900) as client:
+        for r in range(rounds):
+            for i, fn in enumerate(functions):
+                rec = RequestRecord(-1, i, 0.0, 8, 4)
+                await system.before_request(i, time.monotonic())  # the dedicated system starts a backbone
+                try:
+                    prompt = trace.synthetic_prompt(8, seed + r * len(functions) + i)
+                    await stream_completion(client, fn.name, prompt, rec)
+                finally:
+                    system.after_request(i, time.monotonic())
+                if not rec.ok:
+                    raise RuntimeError(f"{system.name}: warm-up request to {fn.name} failed: {rec.status} {rec.error}")
+
+
 async def attach_load_times(system: System, records: list[RequestRecord]) -> None:
-    """The adapter load time of each invocation, as the worker measured it (timings.load_s)."""
+    """Where each invocation's time went, as the worker measured it (its stored ``timings``)."""
     ids = {r.invocation_id.removeprefix("cmpl-"): r for r in records if r.invocation_id}
     for inv_id, timings in (await invocation_timings(system.settings, list(ids))).items():
         ids[inv_id].load_s = float(timings.get("load_s", 0.0))
+        ids[inv_id].queue_wait_s = float(timings.get("queue_wait_s", 0.0))
+        ids[inv_id].worker_ttft_s = float(timings.get("ttft_s", 0.0))
 
 
 # --- metrics ----------------------------------------------------------------------------------
@@ -181,6 +204,9 @@ def summarize(system: System, records: list[RequestRecord], start: float, end: f
         "ttft_p50_s": pct([r.ttft for r in ok], 50),
         "ttft_p99_s": pct([r.ttft for r in ok], 99),
         "tbt_p50_s": pct(gaps, 50),
+        "queue_wait_p50_s": pct([r.queue_wait_s for r in ok], 50),
+        "queue_wait_p99_s": pct([r.queue_wait_s for r in ok], 99),
+        "worker_ttft_p50_s": pct([r.worker_ttft_s for r in ok], 50),
         "e2e_p50_s": pct([r.done - r.sent for r in ok], 50),
         "throughput_tokens_per_s": out_tokens / wall,
         "slo_attainment": len(slo_ok) / len(records) if records else 0.0,
@@ -232,6 +258,8 @@ def print_table(results: dict[str, dict]) -> None:
     rows = [
         ("TTFT p50 / p99 (s)", lambda m: f"{m['ttft_p50_s']:.3f} / {m['ttft_p99_s']:.3f}"),
         ("TBT p50 (s)", lambda m: f"{m['tbt_p50_s']:.4f}"),
+        ("queue wait p50 / p99 (s)", lambda m: f"{m['queue_wait_p50_s']:.3f} / {m['queue_wait_p99_s']:.3f}"),
+        ("worker-side TTFT p50 (s)", lambda m: f"{m['worker_ttft_p50_s']:.3f}"),
         ("e2e p50 (s)", lambda m: f"{m['e2e_p50_s']:.3f}"),
         ("throughput (out tok/s)", lambda m: f"{m['throughput_tokens_per_s']:.1f}"),
         ("SLO attainment", lambda m: f"{m['slo_attainment']:.1%}"),
@@ -374,6 +402,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=3.00,
         help="USD per device-hour (default: a public on-demand H100 price)",
     )
+    p.add_argument(
+        "--warmup-rounds",
+        type=int,
+        default=1,
+        help="short requests per function served (and not measured) before each system's replay",
+    )
     p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {SYSTEMS}")
     p.add_argument("--workdir", type=Path, default=ROOT / ".lorafaas" / "replay")
     p.add_argument("--out", type=Path, help="write JSON results here")
@@ -420,10 +454,13 @@ async def run(args: argparse.Namespace) -> dict:
             console.print(f"[bold]{name}[/bold]: starting")
             try:
                 await system.start()
+                await warm_up(system, functions, args.warmup_rounds, args.seed)
+                await asyncio.sleep(1.5)  # let the control plane apply the warm-up's reports
+                before = await system.counters()
                 records, start, end = await replay_system(system, requests, functions, args.seed)
                 await asyncio.sleep(1.5)  # let the control plane apply the last results and reports
                 await attach_load_times(system, records)
-                counters = await system.counters()
+                counters = {k: v - before.get(k, 0.0) for k, v in (await system.counters()).items()}
             finally:
                 await system.stop()
             results[name] = summarize(system, records, start, end, args) | counters

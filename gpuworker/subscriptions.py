@@ -138,7 +138,10 @@ class Intake:
                 await asyncio.sleep(0.01)
                 continue
             try:
-                msgs = await sub.fetch(batch=room, timeout=FETCH_TIMEOUT_S)
+                # One at a time: nats-py's fetch(batch > 1) holds what arrived until the batch is full or
+                # the timeout passes, which added up to FETCH_TIMEOUT_S to a lone invocation's wait on an idle
+                # worker; batch=1 returns on arrival, at one round trip per invocation.
+                msgs = await sub.fetch(batch=1, timeout=FETCH_TIMEOUT_S)
             except (TimeoutError, NatsTimeout):  # nats-py raises either
                 continue
             except Exception as e:  # NATS away: the client reconnects by itself; keep pulling after
