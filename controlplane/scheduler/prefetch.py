@@ -48,8 +48,13 @@ class PredictiveAdvisor:
         config: ResidencyConfig = ResidencyConfig(),
         wall_clock: Callable[[], float] = time.time,  # accepted_at is wall time (Postgres now())
         grace_s: float = 0.5,
+        horizon: int = 2,
     ) -> None:
         self.store, self.specs, self.config, self.clock, self.grace_s = store, specs, config, wall_clock, grace_s
+        # A bucket's counts are known ``grace_s`` after it ends, refreshed every half bucket and
+        # acted on at the loop's next round: the forecast for the next bucket lands while it runs.
+        # Decide for this bucket and the one after (``horizon`` 2) so a prefetch comes before it.
+        self.horizon = horizon
         self.history = ArrivalHistory(bucket_s=bucket_s, capacity=capacity)
         self.forecaster = Forecaster(make)
         self.last_commands: tuple[Command, ...] = ()
@@ -95,7 +100,7 @@ class PredictiveAdvisor:
     def advise(self, view: ClusterView, demand: Mapping[str, Demand], plan: Plan) -> Iterable[Command]:
         """The scheduler loop's hook: prefetch and unload commands for this round's placement."""
         self.last_commands = residency_commands(
-            view, plan.placement, dict(self.specs()), self.forecaster.forecast(), self.config
+            view, plan.placement, dict(self.specs()), self.forecaster.forecast(self.horizon), self.config
         )
         return self.last_commands
 

@@ -69,6 +69,20 @@ def test_hazard_between_sessions_is_the_residual_rate_not_the_in_session_one() -
     assert after[-1] > 0.5  # idle 41: the next session starts
 
 
+def test_hazard_forecast_within_two_buckets_holds_from_the_bucket_before_each_arrival() -> None:
+    counts = periodic(400, 10)
+    pred = HazardHistogram(1, threshold=1.0)
+    pred.observe_many(counts[:200])
+    held = []
+    for t in range(200, 400):
+        if pred.forecast_within(2).keep[0]:
+            held.append(t)  # decided before bucket t, for buckets t and t + 1
+        assert pred.forecast_within(1).keep[0] == pred.forecast().keep[0]
+        pred.observe(counts[t])
+    arrivals = np.flatnonzero(counts[200:, 0]) + 200
+    assert held == sorted({a - d for a in arrivals for d in (0, 1)})
+
+
 def test_strict_period_seasonal_naive_finds_the_season() -> None:
     pred = SeasonalNaive(1, tolerance=0, refit_every=10)
     cold, idle = cold_after(pred, periodic(400, 10), warm=100)
