@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -71,6 +72,8 @@ PREFETCH_RETRY_S = 30.0  # a failed or unfinished prefetch of the same adapter i
 COMMAND_TIMEOUT_S = 120.0  # a prefetch downloads, copies and warms up the adapter
 WARMUP_S = 2.0  # after a (re)start, reports arrive before the loop acts on an empty view
 ACTIVATE_RETRY_S = 3.0  # its next report says active; until then, do not send it again
+HISTORY_GRACE_S = 0.5  # a bucket's invocations are counted this long after it ends (late commits)
+ADVISED_SETTLE_S = 1.5  # a worker's next report (every 1 s by default) shows an advised command carried out
 ON_DEVICE = (Tier.DEVICE,)
 HELD = (Tier.DEVICE, Tier.HOST)
 
@@ -135,6 +138,7 @@ class SchedulerLoop:
         self._tasks: dict[tuple[str, str, str], asyncio.Task] = {}
         self._tried: dict[tuple[str, str], float] = {}  # (worker, function) -> last prefetch sent
         self._activated: dict[str, float] = {}  # worker -> when activate was last sent
+        self._advised: dict[tuple[str, str, str], float] = {}  # an advisor's command -> when last sent
         self._drained: set[str] = set()  # drain command answered: the worker stopped pulling
         self._stopping = asyncio.Event()
 
@@ -154,12 +158,17 @@ class SchedulerLoop:
         if make is None:
             known = ", ".join(["off", "reactive", *PREDICTORS])
             raise ValueError(f"unknown scheduler.predictor {self.settings.predictor!r}; one of {known}")
-        threshold = self.settings.predictor_threshold
+        threshold, bucket_s = self.settings.predictor_threshold, self.settings.predictor_bucket_s
+        # A bucket is counted GRACE_S after it ends, at the next refresh (every half bucket), and
+        # acted on at the next round: decide for every bucket that starts within that lag too.
+        late = (HISTORY_GRACE_S + bucket_s / 2 + self.settings.interval_s) / bucket_s
         self.predictor = PredictiveAdvisor(
             HistoryStore(self.sessions),
             self.specs,
-            bucket_s=self.settings.predictor_bucket_s,
+            bucket_s=bucket_s,
             make=lambda n: make(n, threshold),
+            grace_s=HISTORY_GRACE_S,
+            horizon=1 + math.ceil(late),
         )
         try:
             await self.predictor.start()
@@ -222,7 +231,7 @@ class SchedulerLoop:
         await self._publish(view, plan)
         # The plan's "placed" prefetches of an owned function are the advisor's to make (or not).
         planned = [c for c in plan.commands if c.kind != CommandKind.PREFETCH or not self._owned(c.function_id)]
-        for c in (*planned, *extra, *self._keep_in_step(view, plan.placement)):
+        for c in (*planned, *self._unrepeated(extra), *self._keep_in_step(view, plan.placement)):
             self._send(c.worker_id, wire.CommandKind(str(c.kind)), c.function_id, c.reason)
         for w in self._ready_to_activate(view, plan.placement):
             self._send(w, wire.CommandKind.ACTIVATE, None, "placements prefetched")
@@ -297,6 +306,21 @@ class SchedulerLoop:
                 await self.kv.put(self.names.placement_key(backbone), table.encode())
             except Exception as e:  # NATS away: gateways route on the last table they saw
                 log.warning("could not publish the placement table of %s: %r", backbone, e)
+
+    def _unrepeated(self, commands: list[Command]) -> list[Command]:
+        """An advisor's command, unless the same one went to the same worker within ``ADVISED_SETTLE_S``.
+
+        The advisor decides every round from the reported tiers, and a worker reports a finished
+        prefetch or offload only on its next report: without this each decision went out twice.
+        """
+        now = self.clock()
+        out = []
+        for c in commands:
+            key = (c.worker_id, str(c.kind), c.function_id or "")
+            if now - self._advised.get(key, -1e9) >= ADVISED_SETTLE_S:
+                self._advised[key] = now
+                out.append(c)
+        return out
 
     def _owned(self, function_id: str | None) -> bool:
         """Whether an advisor decides this function's residency (then the loop does not load it)."""
