@@ -159,7 +159,7 @@ class SchedulerLoop:
             known = ", ".join(["off", "reactive", *PREDICTORS])
             raise ValueError(f"unknown scheduler.predictor {self.settings.predictor!r}; one of {known}")
         threshold, bucket_s = self.settings.predictor_threshold, self.settings.predictor_bucket_s
-        # A bucket is counted GRACE_S after it ends, at the next refresh (every half bucket), and
+        # A bucket is counted HISTORY_GRACE_S after it ends, at the next refresh (every half bucket), and
         # acted on at the next round: decide for every bucket that starts within that lag too.
         late = (HISTORY_GRACE_S + bucket_s / 2 + self.settings.interval_s) / bucket_s
         self.predictor = PredictiveAdvisor(
