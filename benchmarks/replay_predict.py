@@ -3,20 +3,24 @@
 The trace slice is assigned to functions with per-function temporal structure
 (``launcher.workloads``; its periods and sessions scaled with the trace's time) and replayed
 through the whole stack (HTTP, NATS, Postgres, S3, a worker process) with more adapter bytes
-than the device pool holds (``--pool-fraction``), once per system, same requests, same seed:
+than the device pool holds (``--pool-fraction``), once per system, same requests, same seed.
+Each system is the production control plane with one setting changed
+(``scheduler.predictor``, ``controlplane.scheduler.loop``):
 
-- ``predictive``: host cache on; beside the stack runs the predictive advisor
-  (``controlplane.scheduler.prefetch``: arrival history from Postgres, the hazard-histogram
-  predictor, ``residency_commands``), fed the worker's reports and sending its prefetch /
-  offload / evict commands to the worker, every half bucket. (The scheduler loop runs the same
-  advisor; this script drives it directly so the comparison does not depend on placement.)
-- ``reactive``: the S-LoRA-style baseline of ``benchmarks/replay.py``: adapters load from disk
-  when a request needs one, LRU eviction, no host cache.
-- ``preload``: every adapter prefetched before traffic (``replay.py``'s ``lorafaas`` system);
-  the pool keeps what fits (LRU) and the rest load on demand from the host cache.
+- ``predictive``: ``hazard``: the scheduler loop runs the predictive advisor (arrival history
+  from Postgres, the hazard-histogram predictor, ``residency_commands``) and sends its
+  prefetch / offload / evict commands; host cache on.
+- ``reactive``: ``reactive``: the S-LoRA-style baseline: adapters load from disk when a request
+  needs one, LRU eviction from the device pool, no host cache, nothing prefetched.
+- ``preload``: ``off``: every adapter prefetched before traffic (``replay.py``'s ``lorafaas``
+  system) and kept in step by the loop; the pool keeps what fits (LRU), the rest load on demand
+  from the host cache.
 
-Prints the table (cold starts, cold-start added latency, TTFT p50/p99, device pool pages used)
-and writes JSON (``--out``).
+The first ``--warmup`` seconds (replayed time) are replayed but not measured, in every system:
+the predictor needs several idle times per function before its histogram is used.
+
+Prints the table (cold starts and the tier each came from, cold-start added latency, TTFT
+p50/p99, device pool pages used, commands) and writes JSON (``--out``).
 
     python benchmarks/replay_predict.py --help
 """
@@ -25,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import json
 import sys
@@ -40,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.replay import attach_load_times, build_models, pct, pool_pages_for, replay_system  # noqa: E402
+from benchmarks.replay import RequestRecord, build_models, pct, pool_pages_for, replay_system  # noqa: E402
 from benchmarks.replay_systems import (  # noqa: E402
     FunctionSpec,
     LorafaasSystem,
@@ -48,22 +51,10 @@ from benchmarks.replay_systems import (  # noqa: E402
     ReplaySetup,
     System,
 )
-from controlplane.scheduler.history import HistoryStore  # noqa: E402
-from controlplane.scheduler.model import (  # noqa: E402
-    AdapterSpec,
-    ClusterView,
-    Command,
-    Placement,
-    Plan,
-    Tier,
-    WorkerState,
-    WorkerView,
-)
-from controlplane.scheduler.predict import HazardHistogram  # noqa: E402
-from controlplane.scheduler.prefetch import PredictiveAdvisor  # noqa: E402
 from launcher import trace, workloads  # noqa: E402
 from launcher.devstack import DevStack  # noqa: E402
-from launcher.platform import adapter_refs  # noqa: E402
+from launcher.platform import invocation_timings  # noqa: E402
+from launcher.stack import PlatformProcesses  # noqa: E402
 from lorafaas import wire  # noqa: E402
 from lorafaas.names import Names  # noqa: E402
 from lorafaas.settings import S3Settings, Settings  # noqa: E402
@@ -73,103 +64,48 @@ SYSTEMS = ("predictive", "reactive", "preload")
 
 
 class PoolSampler:
-    """Device pool pages in use, from the worker's contention reports (every system the same way)."""
+    """Device pool pages in use (the worker's contention reports) and the commands the worker got."""
 
     def __init__(self) -> None:
-        self.samples: list[int] = []
-        self.latest: dict[str, wire.ContentionReport] = {}
+        self.samples: list[tuple[float, int]] = []  # (monotonic time, pages used)
+        self.commands: list[tuple[float, str]] = []  # (monotonic time, kind)
         self._nc: nats.NATS | None = None
 
     async def start(self, settings: Settings) -> None:
+        names = Names(settings.nats.prefix)
         self._nc = await nats.connect(settings.nats.url)
-        await self._nc.subscribe(Names(settings.nats.prefix).contention_subject, cb=self._on_report)
+        await self._nc.subscribe(names.contention_subject, cb=self._on_report)
+        # A second subscriber on the command subjects: it sees every command, the worker replies.
+        wildcard = names.worker_command_subject("WORKER").replace(".WORKER.", ".*.")
+        await self._nc.subscribe(wildcard, cb=self._on_command)
 
     async def _on_report(self, msg: object) -> None:
         report = wire.ContentionReport.decode(msg.data)  # type: ignore[attr-defined]
-        self.latest[report.worker_id] = report
-        self.samples.append(report.pool_pages_used)
+        self.samples.append((time.monotonic(), report.pool_pages_used))
+
+    async def _on_command(self, msg: object) -> None:
+        command = wire.WorkerCommand.decode(msg.data)  # type: ignore[attr-defined]
+        self.commands.append((time.monotonic(), command.command.value))
 
     async def stop(self) -> None:
         if self._nc is not None:
             await self._nc.close()
 
 
+def with_predictor(system: System, predictor: str, args: argparse.Namespace) -> System:
+    """The same system with ``scheduler.predictor`` (and its bucket and threshold) set."""
+    scheduler = system.settings.scheduler.model_copy(
+        update={"predictor": predictor, "predictor_bucket_s": args.bucket, "predictor_threshold": args.threshold}
+    )
+    system.settings = system.settings.model_copy(update={"scheduler": scheduler})
+    system.procs = PlatformProcesses(system.settings, system.workdir)
+    return system
+
+
 class PredictiveSystem(System):
-    """Shared backbone with host cache, driven by the predictive advisor."""
+    """Shared backbone with host cache; the scheduler loop runs the predictor."""
 
     name = "predictive"
-
-    def __init__(self, base: Settings, setup: ReplaySetup, workdir: Path, args: argparse.Namespace) -> None:
-        super().__init__(base, setup, workdir)
-        self.args = args
-        self.pages: dict[str, int] = {}
-        self.sampler: PoolSampler | None = None
-        self.commands_sent: dict[str, int] = {}
-        self._driver: asyncio.Task | None = None
-
-    async def start_workers(self) -> None:
-        await super().start_workers()
-        self._driver = asyncio.create_task(self._drive())
-
-    async def stop(self) -> None:
-        if self._driver:
-            self._driver.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._driver
-        await super().stop()
-
-    async def _drive(self) -> None:
-        names = Names(self.settings.nats.prefix)
-        fnames = [fn.name for fn in self.setup.functions]
-        refs = {r.function_id: r for r in await adapter_refs(self.settings, self.tenant_id, fnames)}
-        ranks = {r.function_id: r.rank for r in refs.values()}
-        specs = {
-            f: AdapterSpec(f, "bench", ranks[f], 0, self.pages[name])
-            for f, name in zip(refs, fnames)
-        }  # fmt: skip
-        store = HistoryStore.from_settings(self.settings.database)
-        advisor = PredictiveAdvisor(
-            store,
-            specs=lambda: specs,
-            bucket_s=self.args.bucket,
-            capacity=3600,
-            make=lambda n: HazardHistogram(n, threshold=self.args.threshold, range_buckets=self.args.range_buckets),
-            grace_s=0.05,
-        )
-        nc = await nats.connect(self.settings.nats.url)
-        inflight: dict[tuple[str, str, str], asyncio.Task] = {}  # one command per (worker, kind, function)
-        try:
-            await advisor.start()
-            while True:
-                await advisor.refresh()
-                view = self._view()
-                plan = Plan(placement=Placement(1, {f: tuple(self.lives) for f in refs}))
-                for c in advisor.advise(view, {}, plan):
-                    key = (c.worker_id, str(c.kind), c.function_id or "")
-                    if key not in inflight and c.function_id in refs:
-                        task = asyncio.create_task(self._send(nc, names, c, refs[c.function_id]))
-                        inflight[key] = task
-                        task.add_done_callback(lambda _, k=key: inflight.pop(k, None))
-                await asyncio.sleep(self.args.bucket / 2)
-        finally:
-            await nc.close()
-            await store.close()
-
-    async def _send(self, nc: nats.NATS, names: Names, c: Command, ref: wire.AdapterRef) -> None:
-        try:
-            message = wire.WorkerCommand(command=wire.CommandKind(str(c.kind)), adapter=ref)
-            await nc.request(names.worker_command_subject(c.worker_id), message.encode(), timeout=60)
-            self.commands_sent[str(c.kind)] = self.commands_sent.get(str(c.kind), 0) + 1
-        except Exception as e:  # a lost command: the next round decides again
-            console.print(f"[yellow]command {c.kind} {c.function_id} failed: {e!r}[/yellow]")
-
-    def _view(self) -> ClusterView:
-        workers = {}
-        for wid, r in (self.sampler.latest if self.sampler else {}).items():
-            tiers = {a.function_id: Tier(a.tier) for a in r.adapters}
-            total = r.pool_pages_used + r.pool_pages_free
-            workers[wid] = WorkerView(wid, "bench", WorkerState.ACTIVE, total, r.pool_pages_free, tiers, r.queue_depth)
-        return ClusterView(now_s=time.time(), workers=workers)
 
 
 def adapter_pages(backbone: Path, adapters: list[Path]) -> list[int]:
@@ -183,21 +119,47 @@ def adapter_pages(backbone: Path, adapters: list[Path]) -> list[int]:
     return [-(-AdapterWeights.from_peft_folder(a, config).numel // page) for a in adapters]
 
 
-def summarize(records: list, sampler: PoolSampler, pool_pages: int) -> dict:
+async def attach_timings(settings: Settings, records: list[RequestRecord]) -> dict[int, str]:
+    """Each invocation's adapter load time and the tier it came from, as the worker measured them."""
+    ids = {r.invocation_id.removeprefix("cmpl-"): r for r in records if r.invocation_id}
+    tiers: dict[int, str] = {}
+    for inv_id, timings in (await invocation_timings(settings, list(ids))).items():
+        ids[inv_id].load_s = float(timings.get("load_s", 0.0))
+        tiers[ids[inv_id].index] = str(timings.get("load_tier", ""))
+    return tiers
+
+
+def summarize(
+    records: list[RequestRecord], tiers: dict[int, str], sampler: PoolSampler, pool_pages: int, measured_from: float
+) -> dict:
+    """Metrics of the requests that arrived after the warm-up (``measured_from``, monotonic)."""
     ok = [r for r in records if r.ok]
     cold = [r for r in ok if r.load_s > 0]
+    by_tier: dict[str, dict[str, float]] = {}
+    for r in cold:
+        t = by_tier.setdefault(tiers.get(r.index, "") or "unknown", {"count": 0, "added_s": 0.0})
+        t["count"] += 1
+        t["added_s"] += r.load_s
+    pages = [p for t, p in sampler.samples if t >= measured_from]
+    commands: dict[str, int] = {}
+    for t, kind in sampler.commands:
+        if t >= measured_from:
+            commands[kind] = commands.get(kind, 0) + 1
     return {
+        "requests": len(records),
         "completed": len(ok),
         "failed": len(records) - len(ok),
         "cold_starts": len(cold),
+        "cold_starts_by_tier": by_tier,
         "cold_start_added_p50_s": pct([r.load_s for r in cold], 50),
         "cold_start_added_total_s": sum(r.load_s for r in cold),
         "cold_start_added_mean_per_request_s": sum(r.load_s for r in cold) / max(len(ok), 1),
         "ttft_p50_s": pct([r.ttft for r in ok], 50),
         "ttft_p99_s": pct([r.ttft for r in ok], 99),
         "pool_pages": pool_pages,
-        "pool_pages_used_mean": sum(sampler.samples) / max(len(sampler.samples), 1),
-        "pool_pages_used_peak": max(sampler.samples, default=0),
+        "pool_pages_used_mean": sum(pages) / max(len(pages), 1),
+        "pool_pages_used_peak": max(pages, default=0),
+        "commands": commands,
     }
 
 
@@ -225,7 +187,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pool-fraction", type=float, default=0.4, help="device pool as a fraction of all adapters")
     p.add_argument("--bucket", type=float, default=1.0, help="predictor time bucket (s, replayed time)")
     p.add_argument("--threshold", type=float, default=0.2, help="odds threshold of the hazard predictor")
-    p.add_argument("--range-buckets", type=int, default=120, help="idle-time histogram range (buckets)")
+    p.add_argument("--warmup", type=float, default=0.0, help="replayed seconds not measured (every system)")
     p.add_argument("--systems", default=",".join(SYSTEMS))
     p.add_argument("--workdir", type=Path, default=ROOT / ".lorafaas" / "replay_predict")
     p.add_argument("--out", type=Path)
@@ -234,12 +196,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def make(name: str, base: Settings, setup: ReplaySetup, workdir: Path, args: argparse.Namespace) -> System:
     if name == "predictive":
-        return PredictiveSystem(base, setup, workdir, args)
+        return with_predictor(PredictiveSystem(base, setup, workdir), "hazard", args)
     if name == "reactive":
-        return ReactiveSystem(base, setup, workdir)
+        return with_predictor(ReactiveSystem(base, setup, workdir), "reactive", args)
     system = LorafaasSystem(base, setup, workdir)
     system.name = "preload"
-    return system
+    return with_predictor(system, "off", args)
 
 
 async def run(args: argparse.Namespace) -> dict:
@@ -281,22 +243,18 @@ async def run(args: argparse.Namespace) -> dict:
         for name in args.systems.split(","):
             system = make(name, base, setup, args.workdir, args)
             sampler = PoolSampler()
-            if isinstance(system, PredictiveSystem):
-                system.pages = {fn.name: p for fn, p in zip(functions, pages)}
-                system.sampler = sampler
             console.print(f"[bold]{name}[/bold]: starting")
             try:
                 await sampler.start(system.settings)
                 await system.start()
-                records, _, _ = await replay_system(system, requests, functions, args.seed)
+                records, mono_start, _ = await replay_system(system, requests, functions, args.seed)
                 await asyncio.sleep(1.0)  # let the control plane apply the last results
-                await attach_load_times(system, records)
+                tiers = await attach_timings(system.settings, records)
             finally:
                 await system.stop()
                 await sampler.stop()
-            results[name] = summarize(records, sampler, pool_pages)
-            if isinstance(system, PredictiveSystem):
-                results[name]["commands"] = system.commands_sent
+            measured = [r for r in records if r.arrival_s >= args.warmup]
+            results[name] = summarize(measured, tiers, sampler, pool_pages, mono_start + args.warmup)
     comparisons = {}
     if "predictive" in results and "reactive" in results:
         p, r = results["predictive"], results["reactive"]
@@ -326,10 +284,15 @@ def print_table(results: dict[str, dict], comparisons: dict[str, float]) -> None
         table.add_column(name, justify="right")
     rows = [
         ("cold starts", lambda m: f"{m['cold_starts']}"),
+        (
+            "  by tier: count (added s)",
+            lambda m: ", ".join(f"{k} {v['count']} ({v['added_s']:.2f})" for k, v in m["cold_starts_by_tier"].items()),
+        ),
         ("cold-start added p50 (s)", lambda m: f"{m['cold_start_added_p50_s']:.3f}"),
         ("cold-start added total (s)", lambda m: f"{m['cold_start_added_total_s']:.2f}"),
         ("TTFT p50 / p99 (s)", lambda m: f"{m['ttft_p50_s']:.3f} / {m['ttft_p99_s']:.3f}"),
         ("pool pages used mean / peak", lambda m: f"{m['pool_pages_used_mean']:.0f} / {m['pool_pages_used_peak']}"),
+        ("commands", lambda m: ", ".join(f"{k} {v}" for k, v in sorted(m["commands"].items())) or "-"),
         ("completed / failed", lambda m: f"{m['completed']} / {m['failed']}"),
     ]
     for label, fmt in rows:

@@ -122,6 +122,14 @@ class SchedulerSettings(BaseModel):
     # A gone worker's subject is still swept this long, for gateways routing on an old table.
     reroute_ttl_s: float = 120.0
     seed: int = 0
+    # Device residency of placed adapters (issue 15): "off" keeps every placed adapter loaded;
+    # "hazard" predicts (the idle-time histogram read as a hazard, ``controlplane.scheduler.predict``):
+    # prefetch before a function's forecast arrival, unload when it is forecast idle; "reactive"
+    # loads an adapter only when an invocation needs it (the S-LoRA-style baseline).
+    predictor: str = "off"
+    predictor_bucket_s: float = 5.0
+    # Keep an adapter where the odds of an invocation in the next bucket reach this.
+    predictor_threshold: float = 0.2
 
 
 class ControlPlaneSettings(BaseModel):

@@ -13,6 +13,13 @@ tracker, estimate demand, call the placement policy, then
 Commands run as background requests (one at a time per worker and adapter), so a slow
 prefetch never delays a round. Extra decisions (a demand predictor's prefetches and
 unloads) plug in as ``advisors``; a predictor can also stand in for ``demand``.
+
+With ``scheduler.predictor`` set to "hazard", the loop runs the ``PredictiveAdvisor``
+(``prefetch``): it prefetches each placed adapter before its forecast arrival and unloads it
+when it is forecast idle. An advisor that ``owns`` a function's residency takes it over from
+step 2: neither keep-in-step nor the plan's "placed" prefetch loads it back (they would undo
+every unload), and a joining worker does not wait for it before activation. "reactive" loads
+nothing ahead of an invocation (``OnDemand``); "off" keeps every placed adapter loaded.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -34,6 +42,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from controlplane.scheduler import placement
+from controlplane.scheduler.history import HistoryStore
 from controlplane.scheduler.hysteresis import MoveBudget
 from controlplane.scheduler.metrics import SchedulerMetrics
 from controlplane.scheduler.model import (
@@ -48,6 +57,7 @@ from controlplane.scheduler.model import (
     Tier,
     WorkerState,
 )
+from controlplane.scheduler.prefetch import PREDICTORS, OnDemand, PredictiveAdvisor
 from controlplane.scheduler.reroute import Rerouter
 from controlplane.scheduler.view import ClusterTracker, ReportedDemand, adapter_spec
 from controlplane.services import functions as function_service
@@ -63,6 +73,8 @@ PREFETCH_RETRY_S = 30.0  # a failed or unfinished prefetch of the same adapter i
 COMMAND_TIMEOUT_S = 120.0  # a prefetch downloads, copies and warms up the adapter
 WARMUP_S = 2.0  # after a (re)start, reports arrive before the loop acts on an empty view
 ACTIVATE_RETRY_S = 3.0  # its next report says active; until then, do not send it again
+HISTORY_GRACE_S = 0.5  # a bucket's invocations are counted this long after it ends (late commits)
+ADVISED_SETTLE_S = 1.5  # a worker's next report (every 1 s by default) shows an advised command carried out
 ON_DEVICE = (Tier.DEVICE,)
 HELD = (Tier.DEVICE, Tier.HOST)
 
@@ -80,6 +92,10 @@ class Advisor(Protocol):
     """Extra decisions on top of a plan (e.g. a predictor's prefetches and unloads)."""
 
     def advise(self, view: ClusterView, demand: Mapping[str, Demand], plan: Plan) -> Iterable[Command]: ...
+
+    def owns(self, function_id: str) -> bool:
+        """True where the advisor alone decides the function's device residency."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -112,6 +128,8 @@ class SchedulerLoop:
         self.move_budget = MoveBudget(self.settings.moves_per_minute_per_worker)
         self.demand: DemandSource = ReportedDemand()
         self.advisors: list[Advisor] = []
+        self.predictor: PredictiveAdvisor | None = None
+        self._predictor_task: asyncio.Task | None = None
         self.placement = Placement(0, {}, {})
         self.last_plan: Plan | None = None
         self.catalog: dict[str, CatalogEntry] = {}
@@ -122,6 +140,7 @@ class SchedulerLoop:
         self._tasks: dict[tuple[str, str, str], asyncio.Task] = {}
         self._tried: dict[tuple[str, str], float] = {}  # (worker, function) -> last prefetch sent
         self._activated: dict[str, float] = {}  # worker -> when activate was last sent
+        self._advised: dict[tuple[str, str, str], float] = {}  # an advisor's command -> when last sent
         self._drained: set[str] = set()  # drain command answered: the worker stopped pulling
         self._stopping = asyncio.Event()
 
@@ -130,6 +149,35 @@ class SchedulerLoop:
         await self.tracker.start(self.nc)
         self.kv = await placement_bucket(self.js, self.names)
         await self._restore()
+        if self.settings.predictor != "off":
+            await self._start_predictor()
+
+    async def _start_predictor(self) -> None:
+        if self.settings.predictor == "reactive":
+            self.advisors.append(OnDemand())
+            return
+        make = PREDICTORS.get(self.settings.predictor)
+        if make is None:
+            known = ", ".join(["off", "reactive", *PREDICTORS])
+            raise ValueError(f"unknown scheduler.predictor {self.settings.predictor!r}; one of {known}")
+        threshold, bucket_s = self.settings.predictor_threshold, self.settings.predictor_bucket_s
+        # A bucket is counted HISTORY_GRACE_S after it ends, at the next refresh (every half bucket), and
+        # acted on at the next round: decide for every bucket that starts within that lag too.
+        late = (HISTORY_GRACE_S + bucket_s / 2 + self.settings.interval_s) / bucket_s
+        self.predictor = PredictiveAdvisor(
+            HistoryStore(self.sessions),
+            self.specs,
+            bucket_s=bucket_s,
+            make=lambda n: make(n, threshold),
+            grace_s=HISTORY_GRACE_S,
+            horizon=1 + math.ceil(late),
+        )
+        try:
+            await self.predictor.start()
+        except (OperationalError, DBAPIError, OSError) as e:  # its run task loads the history once Postgres is back
+            log.warning("arrival history not loaded yet: %s", e)
+        self.advisors.append(self.predictor)
+        self._predictor_task = asyncio.create_task(self.predictor.run(), name="predictor-history")
 
     async def run(self) -> None:
         while not self._stopping.is_set():
@@ -142,11 +190,15 @@ class SchedulerLoop:
 
     def stop(self) -> None:
         self._stopping.set()
+        if self.predictor is not None:
+            self.predictor.stop()
 
     async def close(self) -> None:
+        if self.predictor is not None:
+            self.predictor.stop()
         for task in self._tasks.values():
             task.cancel()
-        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        await asyncio.gather(*self._tasks.values(), *filter(None, [self._predictor_task]), return_exceptions=True)
         await self.tracker.stop()
 
     async def _restore(self) -> None:
@@ -184,7 +236,9 @@ class SchedulerLoop:
         extra = [c for advisor in self.advisors for c in advisor.advise(view, demand, plan)]
         self.placement, self.last_plan = plan.placement, plan
         await self._publish(view, plan)
-        for c in (*plan.commands, *extra, *self._keep_in_step(view, plan.placement)):
+        # The plan's "placed" prefetches of an owned function are the advisor's to make (or not).
+        planned = [c for c in plan.commands if c.kind != CommandKind.PREFETCH or not self._owned(c.function_id)]
+        for c in (*planned, *self._unrepeated(extra), *self._keep_in_step(view, plan.placement)):
             self._send(c.worker_id, wire.CommandKind(str(c.kind)), c.function_id, c.reason)
         for w in self._ready_to_activate(view, plan.placement):
             self._send(w, wire.CommandKind.ACTIVATE, None, "placements prefetched")
@@ -264,11 +318,35 @@ class SchedulerLoop:
             except Exception as e:  # NATS away: gateways route on the last table they saw
                 log.warning("could not publish the placement table of %s: %r", backbone, e)
 
+    def _unrepeated(self, commands: list[Command]) -> list[Command]:
+        """An advisor's command, unless the same one went to the same worker within ``ADVISED_SETTLE_S``.
+
+        The advisor decides every round from the reported tiers, and a worker reports a finished
+        prefetch or offload only on its next report: without this each decision went out twice.
+        """
+        now = self.clock()
+        out = []
+        for c in commands:
+            key = (c.worker_id, str(c.kind), c.function_id or "")
+            if now - self._advised.get(key, -1e9) >= ADVISED_SETTLE_S:
+                self._advised[key] = now
+                out.append(c)
+        return out
+
+    def _owned(self, function_id: str | None) -> bool:
+        """Whether an advisor decides this function's residency (then the loop does not load it)."""
+        return function_id is not None and any(a.owns(function_id) for a in self.advisors)
+
     def _keep_in_step(self, view: ClusterView, placed: Placement) -> list[Command]:
-        """Prefetch what a worker is placed to hold and lacks (a restart, a lost command, a joining worker)."""
+        """Prefetch what a worker is placed to hold and lacks (a restart, a lost command, a joining worker).
+
+        Not a function an advisor owns: a predictor that scaled it to zero meant it.
+        """
         out: list[Command] = []
         now = self.clock()
         for fn, holders in sorted(placed.replicas.items()):
+            if self._owned(fn):
+                continue
             for w in holders:
                 v = view.workers.get(w)
                 if v is None or v.state not in (WorkerState.ACTIVE, WorkerState.JOINING) or v.tiers.get(fn) in HELD:
@@ -287,7 +365,7 @@ class SchedulerLoop:
             # Its pool is known only from a report: before one, nothing could be placed on it.
             if self.tracker.workers[w].report is None or now - self._activated.get(w, -1e9) < ACTIVATE_RETRY_S:
                 continue
-            mine = [fn for fn, hs in placed.replicas.items() if w in hs]
+            mine = [fn for fn, hs in placed.replicas.items() if w in hs and not self._owned(fn)]
             if all(v.tiers.get(fn) in ON_DEVICE or (w, fn) in self._tried for fn in mine):
                 ready.append(w)
         return ready

@@ -30,8 +30,11 @@ log = logging.getLogger(__name__)
 RECOUNT_BUCKETS = 3  # late admissions (a transaction's start time) land in the last few buckets
 
 
-def default_predictor(functions: int) -> Predictor:
-    return HazardHistogram(functions, threshold=0.2)
+def default_predictor(functions: int, threshold: float = 0.2) -> Predictor:
+    return HazardHistogram(functions, threshold=threshold)
+
+
+PREDICTORS: dict[str, Callable[[int, float], Predictor]] = {"hazard": default_predictor}
 
 
 class PredictiveAdvisor:
@@ -45,21 +48,34 @@ class PredictiveAdvisor:
         config: ResidencyConfig = ResidencyConfig(),
         wall_clock: Callable[[], float] = time.time,  # accepted_at is wall time (Postgres now())
         grace_s: float = 0.5,
+        horizon: int = 2,
     ) -> None:
         self.store, self.specs, self.config, self.clock, self.grace_s = store, specs, config, wall_clock, grace_s
+        # A bucket's counts are known ``grace_s`` after it ends, refreshed every half bucket and
+        # acted on at the loop's next round: the forecast for the next bucket lands while it runs.
+        # Decide for this bucket and the one after (``horizon`` 2) so a prefetch comes before it.
+        self.horizon = horizon
         self.history = ArrivalHistory(bucket_s=bucket_s, capacity=capacity)
         self.forecaster = Forecaster(make)
         self.last_commands: tuple[Command, ...] = ()
+        self.loaded = False
         self._stopping = asyncio.Event()
 
-    async def start(self) -> None:
+    async def start(self) -> int:
         """Reload the kept window of history and feed it to a fresh predictor (after a restart too)."""
         last = await self.store.load(self.history, self.clock() - self.grace_s)
+        self.loaded = True
         fed = self.forecaster.advance(self.history, last)
         log.info("predictor rebuilt from %d buckets of arrival history", fed)
+        return fed
 
     async def refresh(self) -> int:
-        """Recount the newest finished buckets and feed the new ones; returns how many were fed."""
+        """Recount the newest finished buckets and feed the new ones; returns how many were fed.
+
+        Until the kept window was loaded once (Postgres was away at ``start``), it loads it.
+        """
+        if not self.loaded:
+            return await self.start()
         last = await self.store.refresh(self.history, self.clock() - self.grace_s, RECOUNT_BUCKETS)
         return self.forecaster.advance(self.history, last)
 
@@ -75,9 +91,27 @@ class PredictiveAdvisor:
     def stop(self) -> None:
         self._stopping.set()
 
+    def owns(self, function_id: str) -> bool:
+        """The predictor decides every function's device residency: the loop must not keep a
+        placed adapter loaded against it (that would undo its unloads), nor load a function it
+        has no forecast for (one never invoked in the kept window stays scaled to zero)."""
+        return True
+
     def advise(self, view: ClusterView, demand: Mapping[str, Demand], plan: Plan) -> Iterable[Command]:
         """The scheduler loop's hook: prefetch and unload commands for this round's placement."""
         self.last_commands = residency_commands(
-            view, plan.placement, dict(self.specs()), self.forecaster.forecast(), self.config
+            view, plan.placement, dict(self.specs()), self.forecaster.forecast(self.horizon), self.config
         )
         return self.last_commands
+
+
+class OnDemand:
+    """Reactive loading (``scheduler.predictor = "reactive"``, the S-LoRA-style baseline): the loop
+    prefetches nothing, an adapter loads when an invocation needs it and leaves the device under
+    the worker's LRU. It owns every function's residency, so keep-in-step does not load them."""
+
+    def owns(self, function_id: str) -> bool:
+        return True
+
+    def advise(self, view: ClusterView, demand: Mapping[str, Demand], plan: Plan) -> Iterable[Command]:
+        return ()

@@ -144,6 +144,8 @@ async def test_prefetch_commands_come_before_each_forecast_burst_live(settings: 
             if any(c.kind is CommandKind.PREFETCH and c.function_id == fn for c in cmds):
                 prefetched.append(t)  # sent at the start of bucket t, for bucket t
         bursts = [t for t in range(60, 160) if t % 10 == 3]
-        assert prefetched == bursts  # before every burst's first invocation, and at no other time
+        # Decided a bucket ahead (horizon 2: the loop's next decision may come a bucket late), and
+        # again in the burst's bucket (this worker never reports it loaded); at no other time.
+        assert prefetched == sorted({b - d for b in bursts for d in (0, 1)})
     finally:
         await engine.dispose()

@@ -52,6 +52,37 @@ def test_strict_period_hazard_keeps_only_the_arrival_bucket() -> None:
     assert (cold, idle) == (0, 0)
 
 
+def test_hazard_between_sessions_is_the_residual_rate_not_the_in_session_one() -> None:
+    # Sessions: 10 active buckets in a row (nine idle times of 1), then 40 silent (one of 41).
+    cycle = np.r_[np.ones(10), np.zeros(40)]
+    pred = HazardHistogram(1, threshold=1.0)
+    pred.observe_many(np.tile(cycle, 4)[:-40, None])  # four sessions, the last one just ended
+    pred.observe(np.zeros(1))
+    after: list[float] = []
+    for _ in range(40):  # between sessions: the next bucket's idle time is 2 .. 41
+        after.append(float(pred.scores()[0]))
+        pred.observe(np.zeros(1))
+    # No idle time of 2..40 was ever seen. Shrunk towards the rate fitted to all idle times
+    # (about 0.24 per bucket, the in-session one) these read about 0.1; the residual rate of the
+    # idle times that lasted this long keeps them near 0.02.
+    assert max(after[:-1]) < 0.05
+    assert after[-1] > 0.5  # idle 41: the next session starts
+
+
+def test_hazard_forecast_within_two_buckets_holds_from_the_bucket_before_each_arrival() -> None:
+    counts = periodic(400, 10)
+    pred = HazardHistogram(1, threshold=1.0)
+    pred.observe_many(counts[:200])
+    held = []
+    for t in range(200, 400):
+        if pred.forecast_within(2).keep[0]:
+            held.append(t)  # decided before bucket t, for buckets t and t + 1
+        assert pred.forecast_within(1).keep[0] == pred.forecast().keep[0]
+        pred.observe(counts[t])
+    arrivals = np.flatnonzero(counts[200:, 0]) + 200
+    assert held == sorted({a - d for a in arrivals for d in (0, 1)})
+
+
 def test_strict_period_seasonal_naive_finds_the_season() -> None:
     pred = SeasonalNaive(1, tolerance=0, refit_every=10)
     cold, idle = cold_after(pred, periodic(400, 10), warm=100)

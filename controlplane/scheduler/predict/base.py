@@ -83,6 +83,17 @@ class Predictor(ABC):
     def forecast(self) -> Forecast:
         """The forecast for the next bucket."""
 
+    def forecast_within(self, buckets: int) -> Forecast:
+        """Hold the adapter now if any of the next ``buckets`` buckets wants it (no arrival assumed
+        before each); the score is the highest of theirs.
+
+        For a live loop whose next decision lands up to a bucket late (the history is counted
+        after a bucket ends, the loop acts on its own period): deciding for the next bucket only,
+        a prefetch would arrive after the burst began. By default only the next bucket: a
+        predictor that can score a later one (``HazardHistogram``) overrides this.
+        """
+        return self.forecast()
+
     def _update(self, counts: np.ndarray) -> None:  # noqa: B027 - optional hook
         """Predictor-specific learning from one bucket; the shared features are not yet updated."""
 

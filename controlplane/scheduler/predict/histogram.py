@@ -84,14 +84,19 @@ class HybridHistogram(Predictor):
     def _hazard(self, idle: np.ndarray, prior: float = 0.0) -> np.ndarray:
         """P(the idle time ends at ``idle`` | it lasted this long), from the histogram.
 
-        With ``prior`` > 0 each bin's estimate is shrunk towards the constant hazard of a
-        memoryless function fitted to the same idle times, the ongoing one included as a
-        censored observation (``prior`` pseudo-observations), so a bin seen rarely neither rules
-        an arrival out nor makes it certain, and an idle time longer than any seen so far makes
-        an arrival less and less likely. Beyond the range, or
-        with an empty histogram, it is the keep-alive-like 1 / (1 + idle so far).
+        With ``prior`` > 0 each bin's estimate is shrunk towards the residual rate: the constant
+        hazard of a memoryless process fitted to the idle times that lasted at least this long
+        (their buckets from here on), so a bin seen rarely neither rules an arrival out nor makes
+        it certain. The residual rate, not one fitted to all idle times: a function that arrives
+        in sessions has many short idle times inside a session and few long ones between them;
+        fitted to all of them, the rate is the in-session one and overstates an arrival once the
+        session is over (measured: 4x, ``docs/benchmarks.md``). That rate has its own prior of one
+        pseudo-arrival per ``1 + idle so far`` buckets (the keep-alive-like score), so an idle
+        time longer than any seen makes an arrival less and less likely. Beyond the range, or
+        with an empty histogram, it is that keep-alive-like 1 / (1 + idle so far).
         """
-        out = 1.0 / (1.0 + self.since_last)
+        since_last = idle - 1.0
+        out = 1.0 / (1.0 + since_last)
         bins = self.hist[:, 1:]
         n = bins.sum(axis=1)
         i = np.minimum(idle, self.range_buckets + 1).astype(int)
@@ -99,13 +104,17 @@ class HybridHistogram(Predictor):
         rows = np.flatnonzero(ok)
         if rows.size == 0:
             return out
-        cum = np.cumsum(bins[rows], axis=1)
+        b = bins[rows]
+        r = np.arange(rows.size)
         idx = i[rows] - 1  # column of bin i in ``bins``
-        before = np.where(idx >= 1, cum[np.arange(rows.size), np.maximum(idx - 1, 0)], 0.0)
-        survived = n[rows] - before
-        waited = (bins[rows] * np.arange(1, self.range_buckets + 1)).sum(axis=1) + self.since_last[rows]
-        base = n[rows] / np.maximum(waited, 1.0)  # geometric MLE with the ongoing idle time censored
-        out[rows] = (bins[rows, idx] + prior * base) / np.maximum(survived + prior, 1e-12)
+        cum = np.cumsum(b, axis=1)
+        cum_len = np.cumsum(b * np.arange(1, self.range_buckets + 1), axis=1)
+        prev = np.maximum(idx - 1, 0)
+        survived = n[rows] - np.where(idx >= 1, cum[r, prev], 0.0)  # idle times of at least i
+        # Their buckets at risk from i on: sum over j >= i of (j - i + 1).
+        at_risk = cum_len[:, -1] - np.where(idx >= 1, cum_len[r, prev], 0.0) - idx * survived
+        residual = (survived + 1.0) / (at_risk + 1.0 + since_last[rows])
+        out[rows] = (b[r, idx] + prior * residual) / np.maximum(survived + prior, 1e-12)
         return np.clip(out, 0.0, 1.0)
 
 
@@ -131,15 +140,24 @@ class HazardHistogram(HybridHistogram):
         self.threshold, self.weight, self.prior = threshold, weight, prior
         super().__init__(functions, **kwargs)  # type: ignore[arg-type]
 
-    def scores(self) -> np.ndarray:
-        idle = self.since_last + 1
-        hazard = self._hazard(idle, self.prior)
+    def scores(self, ahead: int = 0) -> np.ndarray:
+        """P(an arrival in the next bucket), or ``ahead`` buckets after it if none comes before."""
+        since_last = np.minimum(self.since_last + ahead, NEVER)
+        hazard = self._hazard(since_last + 1, self.prior)
         # Without a usable histogram the score is keep-alive-like, 1 / (1 + idle so far): under
         # ``keep_rule`` that is a keep-alive of 1 / (threshold x weight) buckets, so one
         # threshold sets both the hazard cut and the fallback's keep-alive.
         usable = (self.hist[:, 1:].sum(axis=1) >= self.min_samples) & (self.mode != 2)
-        return np.where(usable, hazard, 1.0 / (1.0 + self.since_last))
+        return np.where(usable, hazard, 1.0 / (1.0 + since_last))
 
     def forecast(self) -> Forecast:
         s = self.scores()
         return Forecast(score=s, keep=keep_rule(s, self.threshold, self.weight))
+
+    def forecast_within(self, buckets: int) -> Forecast:
+        score = np.zeros(self.functions)
+        keep = np.zeros(self.functions, dtype=bool)
+        for ahead in range(max(buckets, 1)):
+            s = self.scores(ahead)
+            score, keep = np.maximum(score, s), keep | keep_rule(s, self.threshold, self.weight)
+        return Forecast(score=score, keep=keep)
