@@ -54,7 +54,6 @@ from benchmarks.replay_systems import (  # noqa: E402
 from launcher import trace, workloads  # noqa: E402
 from launcher.devstack import DevStack  # noqa: E402
 from launcher.platform import invocation_timings  # noqa: E402
-from launcher.stack import PlatformProcesses  # noqa: E402
 from lorafaas import wire  # noqa: E402
 from lorafaas.names import Names  # noqa: E402
 from lorafaas.settings import S3Settings, Settings  # noqa: E402
@@ -94,11 +93,7 @@ class PoolSampler:
 
 def with_predictor(system: System, predictor: str, args: argparse.Namespace) -> System:
     """The same system with ``scheduler.predictor`` (and its bucket and threshold) set."""
-    scheduler = system.settings.scheduler.model_copy(
-        update={"predictor": predictor, "predictor_bucket_s": args.bucket, "predictor_threshold": args.threshold}
-    )
-    system.settings = system.settings.model_copy(update={"scheduler": scheduler})
-    system.procs = PlatformProcesses(system.settings, system.workdir)
+    system.use_scheduler(predictor=predictor, predictor_bucket_s=args.bucket, predictor_threshold=args.threshold)
     return system
 
 

@@ -110,6 +110,12 @@ class System:
         self.peak_memory_bytes = 0
         self._sampler: asyncio.Task | None = None
 
+    def use_scheduler(self, **changes: str | float) -> None:
+        """This system's control plane runs the scheduler with these settings changed."""
+        scheduler = self.settings.scheduler.model_copy(update=changes)
+        self.settings = self.settings.model_copy(update={"scheduler": scheduler})
+        self.procs = PlatformProcesses(self.settings, self.workdir)
+
     @property
     def url(self) -> str:
         return f"http://{self.settings.gateway_host}:{self.settings.gateway_port}"
@@ -280,6 +286,11 @@ class LorafaasSystem(System):
 class ReactiveSystem(System):
     name = "reactive"
 
+    def __init__(self, base: Settings, setup: ReplaySetup, workdir: Path) -> None:
+        super().__init__(base, setup, workdir)
+        # the scheduler loads nothing ahead of an invocation (no keep-in-step prefetch of placements)
+        self.use_scheduler(predictor="reactive")
+
     async def spawn_worker(self, worker_id: str, backbone: str, wait: bool, host_cache: bool = True) -> None:
         await super().spawn_worker(worker_id, backbone, wait, host_cache=False)
 
@@ -365,9 +376,7 @@ class RankObliviousSystem(System):
 
     def __init__(self, base: Settings, setup: ReplaySetup, workdir: Path) -> None:
         super().__init__(base, setup, workdir)
-        scheduler = self.settings.scheduler.model_copy(update={"policy": "rank-oblivious", "routing": "shared"})
-        self.settings = self.settings.model_copy(update={"scheduler": scheduler})
-        self.procs = PlatformProcesses(self.settings, self.workdir)
+        self.use_scheduler(policy="rank-oblivious", routing="shared")
 
 
 def make_system(name: str, base: Settings, setup: ReplaySetup, workdir: Path) -> System:
