@@ -111,14 +111,16 @@ class EngineRunner:
         future: asyncio.Future[T] = loop.create_future()
 
         def run() -> None:
+            result: T | None = None
+            error: BaseException | None = None
             try:
                 result = fn(*args)
             except BaseException as e:  # the caller's error, not the engine's: it goes back to the caller
-                loop.call_soon_threadsafe(_settle, future, None, e)
-            else:
-                loop.call_soon_threadsafe(_settle, future, result, None)
-            finally:  # swapping one reference: readers see the old or the new, never a mix
-                self.snapshot = self._take_snapshot()
+                error = e
+            # Swapping one reference (readers see the old or the new, never a mix), and before the
+            # caller resumes: what it reads next (``snapshot``) already shows what its call did.
+            self.snapshot = self._take_snapshot()
+            loop.call_soon_threadsafe(_settle, future, result, error)
 
         with self._cv:
             if self._dead:  # the thread has left: nobody would run it
