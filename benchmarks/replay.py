@@ -345,10 +345,11 @@ def build_models(workdir: Path, shape: str, ranks: list[int]) -> tuple[Path, lis
     return backbone, adapters
 
 
-def pool_pages_for(backbone: Path, adapters: list[Path], fraction: float) -> int:
-    """Pages that hold ``fraction`` of the adapters' total size (0 = the engine's default)."""
-    if fraction <= 0:
-        return 0
+def memory_for(backbone: Path, adapters: list[Path], pool_fraction: float, host_fraction: float) -> tuple[int, int]:
+    """(device pool pages, host cache bytes) that hold these fractions of the adapters' total size
+    (0 = the worker's default)."""
+    if pool_fraction <= 0 and host_fraction <= 0:
+        return 0, 0
     from transformers import AutoConfig
 
     from gpuworker.engine import AdapterWeights
@@ -356,8 +357,11 @@ def pool_pages_for(backbone: Path, adapters: list[Path], fraction: float) -> int
 
     config = AutoConfig.from_pretrained(backbone)
     page = page_elems_for(config)
-    pages = [-(-AdapterWeights.from_peft_folder(a, config).numel // page) for a in adapters]
-    return max(max(pages), int(sum(pages) * fraction))
+    weights = [AdapterWeights.from_peft_folder(a, config) for a in adapters]
+    pages = [-(-w.numel // page) for w in weights]
+    pool = max(max(pages), int(sum(pages) * pool_fraction)) if pool_fraction > 0 else 0
+    host = max(max(w.nbytes for w in weights), int(sum(w.nbytes for w in weights) * host_fraction))
+    return pool, host if host_fraction > 0 else 0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -392,6 +396,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=0.5,
         help="device pool size as a fraction of all adapters' bytes (0 = engine default)",
+    )
+    p.add_argument(
+        "--host-fraction",
+        type=float,
+        default=0.0,
+        help="host cache of each worker as a fraction of all adapters' bytes (0 = the worker's default, 2 GiB): "
+        "below 1, adapters that fell out of it load from disk again",
     )
     p.add_argument(
         "--idle-timeout",
@@ -443,11 +454,13 @@ async def run(args: argparse.Namespace) -> dict:
     args.workdir.mkdir(parents=True, exist_ok=True)
     backbone, adapter_dirs = await asyncio.to_thread(build_models, args.workdir, args.shape, ranks)
     functions = [FunctionSpec(f"f{i:02d}-r{rank}", rank, d) for i, (rank, d) in enumerate(zip(ranks, adapter_dirs))]
+    pool_pages, host_cache_bytes = memory_for(backbone, adapter_dirs, args.pool_fraction, args.host_fraction)
     setup = ReplaySetup(
         backbone,
         functions,
         workers=args.workers,
-        pool_pages=pool_pages_for(backbone, adapter_dirs, args.pool_fraction),
+        pool_pages=pool_pages,
+        host_cache_bytes=host_cache_bytes,
         idle_timeout_s=args.idle_timeout,
     )
     base = Settings(s3=S3Settings(endpoint="127.0.0.1:9000", bucket="lorafaas-bench"))

@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.replay import RequestRecord, build_models, pct, pool_pages_for, replay_system  # noqa: E402
+from benchmarks.replay import RequestRecord, build_models, memory_for, pct, replay_system  # noqa: E402
 from benchmarks.replay_systems import (  # noqa: E402
     FunctionSpec,
     LorafaasSystem,
@@ -228,7 +228,7 @@ async def run(args: argparse.Namespace) -> dict:
     args.workdir.mkdir(parents=True, exist_ok=True)
     backbone, adapter_dirs = await asyncio.to_thread(build_models, args.workdir, args.shape, ranks)
     functions = [FunctionSpec(f"f{i:02d}-r{rank}", rank, d) for i, (rank, d) in enumerate(zip(ranks, adapter_dirs))]
-    pool_pages = pool_pages_for(backbone, adapter_dirs, args.pool_fraction)
+    pool_pages, _ = memory_for(backbone, adapter_dirs, args.pool_fraction, 0.0)
     pages = adapter_pages(backbone, adapter_dirs)
     console.print(f"ranks {ranks}; adapter pages {pages} (sum {sum(pages)}); device pool {pool_pages} pages")
     setup = ReplaySetup(backbone, functions, workers=1, pool_pages=pool_pages)

@@ -59,6 +59,7 @@ class ReplaySetup:
     functions: list[FunctionSpec]
     workers: int = 1
     pool_pages: int = 0
+    host_cache_bytes: int = 0  # 0 = the worker's default
     max_batch: int = 16
     idle_timeout_s: float = 20.0
     price_input: int = 150_000
@@ -131,6 +132,8 @@ class System:
         }
         if not host_cache:
             env["LORAFAAS_WORKER__HOST_CACHE_BYTES"] = "0"
+        elif self.setup.host_cache_bytes:
+            env["LORAFAAS_WORKER__HOST_CACHE_BYTES"] = str(self.setup.host_cache_bytes)
         return env
 
     # --- lifecycle -----------------------------------------------------------------------

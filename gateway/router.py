@@ -42,18 +42,13 @@ class RoutingTable:
     table: PlacementTable
     placement: Placement
     states: dict[str, WorkerState]
-    warm: dict[str, list[str]]  # function id -> workers with its adapter on the device
     sent: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def of(cls, table: PlacementTable) -> RoutingTable:
         states = {w: WorkerState(r.state) for w, r in table.workers.items()}
         placement = Placement(table.version, {f: tuple(ws) for f, ws in table.replicas.items()}, states)
-        warm: dict[str, list[str]] = {}
-        for w, r in sorted(table.workers.items()):
-            for f in r.resident:
-                warm.setdefault(f, []).append(w)
-        return cls(table, placement, states, warm)
+        return cls(table, placement, states)
 
     def depths(self) -> Mapping[str, int]:
         return {w: r.queued + self.sent.get(w, 0) for w, r in self.table.workers.items()}
@@ -132,7 +127,6 @@ class PlacementRouter:
                 current.states,
                 current.table.spill_threshold,
                 next(self._turn),
-                current.warm,
             )
             if choice is not None:
                 current.sent[choice.worker_id] = current.sent.get(choice.worker_id, 0) + 1

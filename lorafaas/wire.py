@@ -310,7 +310,6 @@ class RoutedWorker(BaseModel):
     model_config = ConfigDict(frozen=True)
     state: Literal["joining", "active", "draining", "dead"]
     queued: int = 0  # invocations waiting on or running at the worker when the table was built
-    resident: list[str] = Field(default_factory=list)  # function ids whose adapter is on its device
 
 
 class PlacementTable(WireMessage):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from lorafaas.artifacts import ArtifactStore
 from lorafaas.errors import ArtifactIntegrityError, InvalidArtifact, NotFound, Unauthenticated
 from lorafaas.names import MSG_ID_HEADER, Names
 from lorafaas.settings import Settings
-from lorafaas.streams import ensure_streams
+from lorafaas.streams import delete_streams, ensure_streams
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
 
@@ -204,7 +205,10 @@ async def test_event_consumer_applies_a_repeated_result_once(
     settings: Settings, backbone_dir: Path, adapter_dirs: dict[str, Path], js_conn
 ) -> None:
     _nc, js = js_conn
-    names = Names(settings.nats.prefix)
+    # Streams of its own: the session's control plane (``cp_app``) consumes the session prefix's
+    # events with the same durable consumer, and would take (and, during a database test, hold) them.
+    private = settings.nats.model_copy(update={"prefix": f"{settings.nats.prefix}ev{uuid.uuid4().hex[:6]}"})
+    names = Names(private.prefix)
     await ensure_streams(js, names)
     tenant_id, served = await _tenant_with_function(
         settings, backbone_dir, adapter_dirs["c32"], "events-tenant", 100, 200
@@ -228,7 +232,7 @@ async def test_event_consumer_applies_a_repeated_result_once(
     await js.publish(names.result_subject(inv_id), rerun.encode(), headers={MSG_ID_HEADER: f"rerun-{inv_id}"})
     await js.publish(names.result_subject(inv_id), late_failure.encode())
     engine = make_engine(settings.database)
-    consumer = EventConsumer(js, engine, names, settings.nats)
+    consumer = EventConsumer(js, engine, names, private)
     task = asyncio.create_task(consumer.run())
     try:
         for _ in range(300):  # up to 30 s on a loaded machine; done in well under 1 s on a quiet one
@@ -244,6 +248,7 @@ async def test_event_consumer_applies_a_repeated_result_once(
         consumer.stop()
         await task
         await engine.dispose()
+        await delete_streams(js, names)
     async with admin(settings) as a:
         record = await a.session.scalar(select(UsageRecord).where(UsageRecord.invocation_id == inv_id))
     assert count == 1

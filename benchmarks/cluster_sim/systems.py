@@ -200,9 +200,7 @@ class Planned(System):
             sim.c.rejected += 1
             return
         states = self.placement.worker_states
-        # the workers with the adapter on the device, as the gateway's table shows them
-        warm = {fname(req.fn): [sim.workers[i].name for i in sorted(sim.device_index.get(req.fn, ()))]}
-        choice = self.route_fn(fname(req.fn), self.placement, sim.depths, states, self.threshold, req.rid, warm)
+        choice = self.route_fn(fname(req.fn), self.placement, sim.depths, states, self.threshold, req.rid)
         if choice is None:
             req.rejected = True
             sim.c.rejected += 1

@@ -44,8 +44,8 @@ from benchmarks.replay import (
     ROOT,
     RequestRecord,
     build_models,
+    memory_for,
     pct,
-    pool_pages_for,
     replay_system,
     stream_completion,
 )
@@ -150,9 +150,8 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     args.workdir.mkdir(parents=True, exist_ok=True)
     backbone, adapter_dirs = await asyncio.to_thread(build_models, args.workdir, args.shape, ranks)
     functions = [FunctionSpec(f"f{i:02d}-r{rank}", rank, d) for i, (rank, d) in enumerate(zip(ranks, adapter_dirs))]
-    setup = ReplaySetup(
-        backbone, functions, workers=args.workers, pool_pages=pool_pages_for(backbone, adapter_dirs, args.pool_fraction)
-    )
+    pool_pages, _ = memory_for(backbone, adapter_dirs, args.pool_fraction, 0.0)
+    setup = ReplaySetup(backbone, functions, workers=args.workers, pool_pages=pool_pages)
     base = Settings(s3=S3Settings(endpoint="127.0.0.1:9000", bucket="lorafaas-bench"))
     with DevStack(base, args.workdir / "stack"):
         system = make_system("lorafaas", base, setup, args.workdir)

@@ -292,11 +292,7 @@ class SchedulerLoop:
             version=plan.placement.version,
             replicas={f: list(ws) for f, ws in plan.placement.replicas.items() if f in functions},
             workers={
-                w: wire.RoutedWorker(
-                    state=v.state.value,
-                    queued=v.queued + self.tracker.workers[w].stream_queued,
-                    resident=sorted(f for f, tier in v.tiers.items() if tier == Tier.DEVICE and f in functions),
-                )
+                w: wire.RoutedWorker(state=v.state.value, queued=v.queued + self.tracker.workers[w].stream_queued)
                 for w, v in workers.items()
             },
             spill_threshold=self.settings.spill_threshold,

@@ -21,6 +21,7 @@ from controlplane.scheduler.loop import SchedulerLoop
 from lorafaas import wire
 from lorafaas.names import Names
 from lorafaas.settings import Settings
+from lorafaas.streams import delete_streams
 
 pytestmark = pytest.mark.integration
 
@@ -111,7 +112,10 @@ async def test_loop_runs_the_predictor_and_keeps_its_unloads(settings: Settings,
     )
     hot, idle, cold = ids["hot"], ids["idle"], ids["cold"]
     scheduler = settings.scheduler.model_copy(update={"predictor": predictor, "predictor_bucket_s": 1.0})
-    s = settings.model_copy(update={"scheduler": scheduler})
+    # A NATS prefix of its own: a scheduler loop of another test in this session (same prefix, same
+    # database) would otherwise see w1's reports, place these functions and send its own prefetches.
+    private = settings.nats.model_copy(update={"prefix": f"{settings.nats.prefix}lp{uuid.uuid4().hex[:6]}"})
+    s = settings.model_copy(update={"scheduler": scheduler, "nats": private})
     names = Names(s.nats.prefix)
     nc = await nats.connect(s.nats.url)
     engine = make_engine(s.database)
@@ -145,5 +149,6 @@ async def test_loop_runs_the_predictor_and_keeps_its_unloads(settings: Settings,
     finally:
         loop.stop()
         await loop.close()
+        await delete_streams(nc.jetstream(), names)
         await nc.close()
         await engine.dispose()
