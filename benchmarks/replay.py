@@ -435,7 +435,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-async def run(args: argparse.Namespace) -> dict:
+def scaled_trace(args: argparse.Namespace) -> tuple[trace.TraceScaling, list[trace.TraceRequest], list[int]]:
+    """The trace slice the arguments name, scaled and assigned to functions, and each function's rank."""
     scale = trace.TraceScaling(
         start_s=args.start,
         duration_s=args.duration,
@@ -450,6 +451,11 @@ async def run(args: argparse.Namespace) -> dict:
     requests = trace.load_trace(args.trace, scale)
     ranks = trace.assign_ranks(args.functions, tuple(int(r) for r in args.ranks.split(",")), args.seed)
     console.print(trace.describe(args.trace, scale, requests))
+    return scale, requests, ranks
+
+
+async def run(args: argparse.Namespace) -> dict:
+    scale, requests, ranks = scaled_trace(args)
     console.print(f"function ranks: {ranks}; systems: {args.systems}; shape {args.shape}")
     args.workdir.mkdir(parents=True, exist_ok=True)
     backbone, adapter_dirs = await asyncio.to_thread(build_models, args.workdir, args.shape, ranks)

@@ -47,6 +47,7 @@ from benchmarks.replay import (
     memory_for,
     pct,
     replay_system,
+    scaled_trace,
     stream_completion,
 )
 from benchmarks.replay_systems import FunctionSpec, ReplaySetup, System, make_system
@@ -133,20 +134,7 @@ async def probe(system: System, functions: list[FunctionSpec], args: argparse.Na
 
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
     """The replay's lorafaas run with the scheduler, then the probes, on one stack."""
-    scale = trace.TraceScaling(
-        start_s=args.start,
-        duration_s=args.duration,
-        time_scale=args.time_scale,
-        token_scale=args.token_scale,
-        max_prompt_tokens=args.max_prompt,
-        max_output_tokens=args.max_output,
-        functions=args.functions,
-        zipf_s=args.zipf,
-        seed=args.seed,
-    )
-    requests = trace.load_trace(args.trace, scale)
-    ranks = trace.assign_ranks(args.functions, tuple(int(r) for r in args.ranks.split(",")), args.seed)
-    console.print(trace.describe(args.trace, scale, requests))
+    scale, requests, ranks = scaled_trace(args)
     args.workdir.mkdir(parents=True, exist_ok=True)
     backbone, adapter_dirs = await asyncio.to_thread(build_models, args.workdir, args.shape, ranks)
     functions = [FunctionSpec(f"f{i:02d}-r{rank}", rank, d) for i, (rank, d) in enumerate(zip(ranks, adapter_dirs))]
