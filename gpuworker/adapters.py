@@ -100,6 +100,9 @@ class AdapterManager:
         self.pin_memory = pin_memory
         self.refs: dict[str, AdapterRef] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        # One fetch per disk folder: functions registered with the same adapter share its folder
+        # (named by content), and a second download would replace it while the first is read.
+        self._folder_locks: dict[Path, asyncio.Lock] = {}
         self._pending: dict[str, PendingLoad] = {}  # copied, waiting for their request's engine call
         # Asked before S3 for an adapter missing from disk (gpuworker.peer); False: use S3.
         self.peer_fetch: Callable[[AdapterRef, Path], Awaitable[bool]] | None = None
@@ -206,14 +209,15 @@ class AdapterManager:
             return self.host[key]
         folder = self.disk_path(ref)
         started = time.perf_counter()
-        if not (folder / "adapter_config.json").is_file():
-            if self.peer_fetch is not None and await self.peer_fetch(ref, folder):
-                moves_s["peer->disk"] = time.perf_counter() - started
-            else:
-                await asyncio.to_thread(self.store.download, ref.prefix, folder, ref.sha256, ref.bucket)
-                moves_s["s3->disk"] = time.perf_counter() - started
-            started = time.perf_counter()
-        weights = await asyncio.to_thread(AdapterWeights.from_peft_folder, folder, self.model_config)
+        async with self._folder_locks.setdefault(folder, asyncio.Lock()):
+            if not (folder / "adapter_config.json").is_file():
+                if self.peer_fetch is not None and await self.peer_fetch(ref, folder):
+                    moves_s["peer->disk"] = time.perf_counter() - started
+                else:
+                    await asyncio.to_thread(self.store.download, ref.prefix, folder, ref.sha256, ref.bucket)
+                    moves_s["s3->disk"] = time.perf_counter() - started
+                started = time.perf_counter()
+            weights = await asyncio.to_thread(AdapterWeights.from_peft_folder, folder, self.model_config)
         if self.pin_memory:
             weights = weights.pin_memory()
         moves_s["disk->host"] = time.perf_counter() - started

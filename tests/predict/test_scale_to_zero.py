@@ -6,6 +6,7 @@ the next request's load names the tier it came from and times each move back dow
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -61,5 +62,30 @@ async def test_function_unloaded_to_disk_serves_its_next_invocation_with_the_tie
         assert all(s >= 0 for s in load.moves_s.values())
         timings = Timings(load_s=load.fetch_s + load.copy_s, load_tier=load.tier.value, load_moves_s=load.moves_s)
         assert Timings.model_validate_json(timings.model_dump_json()).load_tier == "disk"
+    finally:
+        await runner.stop()
+
+
+async def test_two_functions_with_the_same_adapter_fetch_its_folder_once(
+    settings: Settings, backbone_dir: Path, adapter_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """Functions registered with the same adapter share its disk folder (named by content): loaded
+    at the same time, one downloads it and the other waits and reads it (a second download replaced
+    the folder while the first was reading it: 'adapter_config.json is missing')."""
+    store = ArtifactStore(settings.s3)
+    store.ensure_bucket()
+    stored = store.upload_adapter(adapter_dirs["a8"], "same-adapter")
+    refs = [
+        AdapterRef(function_id=f"fn-same-{i}", bucket=stored.bucket, prefix=stored.prefix, sha256=stored.sha256, rank=8)
+        for i in range(4)
+    ]
+    model, tokenizer = load_backbone(backbone_dir)
+    runner = EngineRunner(LoraEngine(model, tokenizer, max_batch=4))
+    manager = AdapterManager(store, tmp_path / "cache", runner, model.config, host_budget_bytes=0)
+    runner.start()
+    try:
+        loads = await asyncio.gather(*(manager.stage(ref) for ref in refs))
+        assert sum("s3->disk" in load.moves_s for load in loads) == 1
+        assert all(load.tier == Tier.S3 and "disk->host" in load.moves_s for load in loads)
     finally:
         await runner.stop()
