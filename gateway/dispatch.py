@@ -118,6 +118,8 @@ class Dispatcher:
         async def on_result(msg: Msg) -> None:
             nonlocal heard
             heard = True
+            if self.router is not None:
+                self.router.finished(invocation_id)
             queue.put_nowait(InvocationResult.decode(msg.data))
 
         async def on_token(msg: Msg) -> None:

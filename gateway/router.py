@@ -27,7 +27,7 @@ from lorafaas.errors import QuotaExceeded
 from lorafaas.names import Names
 from lorafaas.settings import SchedulerSettings
 from lorafaas.streams import placement_bucket
-from lorafaas.wire import Invocation, PlacementTable
+from lorafaas.wire import Invocation, InvocationMode, PlacementTable
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,11 @@ class RoutingTable:
     def depths(self) -> Mapping[str, int]:
         return {w: r.queued + self.sent.get(w, 0) for w, r in self.table.workers.items()}
 
+    def finished(self, worker_id: str) -> None:
+        """One of this gateway's sends since the table is done: it no longer adds to that worker's queue."""
+        if self.sent.get(worker_id, 0) > 0:
+            self.sent[worker_id] -= 1
+
 
 class PlacementRouter:
     def __init__(
@@ -60,6 +65,10 @@ class PlacementRouter:
     ) -> None:
         self.js, self.names, self.settings = js, names, settings
         self.tables: dict[str, RoutingTable] = {}
+        # Invocations this gateway routed under the current tables and waits on (sync, stream): when
+        # one finishes, it leaves its worker's count, so a client's back-to-back requests do not add
+        # up to a spill before the next table arrives. Cleared with each new table.
+        self._routed: dict[str, tuple[str, str]] = {}  # invocation id -> (backbone, worker)
         self._turn = itertools.count()
         self._task: asyncio.Task | None = None
         self.routes = Counter(
@@ -105,6 +114,13 @@ class PlacementRouter:
 
     def apply(self, table: PlacementTable) -> None:
         self.tables[table.backbone] = RoutingTable.of(table)
+        self._routed = {i: (b, w) for i, (b, w) in self._routed.items() if b != table.backbone}
+
+    def finished(self, invocation_id: str) -> None:
+        """The result of an invocation this gateway routed (and waited on) has arrived."""
+        routed = self._routed.pop(invocation_id, None)
+        if routed is not None and routed[0] in self.tables:
+            self.tables[routed[0]].finished(routed[1])
 
     def admit(self, backbone: str) -> None:
         """429 with Retry-After when the control plane shed the backbone (every worker saturated)."""
@@ -130,6 +146,8 @@ class PlacementRouter:
             )
             if choice is not None:
                 current.sent[choice.worker_id] = current.sent.get(choice.worker_id, 0) + 1
+                if invocation.mode != InvocationMode.ASYNC:  # the gateway hears its result
+                    self._routed[invocation.invocation_id] = (invocation.backbone, choice.worker_id)
                 self.routes.labels("spill" if choice.spilled else "affinity").inc()
                 return self.names.invoke_worker_subject(invocation.backbone, choice.worker_id)
         self.routes.labels("shared").inc()

@@ -84,10 +84,15 @@ def test_reported_demand_shares_tokens_by_queue() -> None:
     assert adapter_spec("a", "bb", 8, 1000, 300).pages == 4 and adapter_spec("a", "bb", 8, 1000, 0).pages == 1
 
 
-def invocation(function_id: str) -> Invocation:
+def invocation(function_id: str, invocation_id: str = "i") -> Invocation:
     ref = AdapterRef(function_id=function_id, bucket="b", prefix="p", sha256="0" * 64, rank=8)
     return Invocation(
-        invocation_id="i", tenant_id="t", backbone="bb", adapter=ref, prompt="x", sampling=SamplingParams(max_tokens=1)
+        invocation_id=invocation_id,
+        tenant_id="t",
+        backbone="bb",
+        adapter=ref,
+        prompt="x",
+        sampling=SamplingParams(max_tokens=1),
     )
 
 
@@ -118,3 +123,18 @@ def test_router_affinity_then_spill_then_shared_and_shed() -> None:
     with pytest.raises(QuotaExceeded) as e:
         router.admit("bb")
     assert e.value.retry_after_s == 1.0
+
+
+def test_router_forgets_a_send_once_its_result_is_heard() -> None:
+    """Back-to-back requests of one client do not add up to a spill before the next table arrives."""
+    router = PlacementRouter(None, NAMES, SchedulerSettings(), CollectorRegistry())  # type: ignore[arg-type]
+    router.apply(table({"w1": 0, "w2": 0}))
+    own = NAMES.invoke_worker_subject("bb", "w1")
+    for n in range(10):  # each one finished before the next is sent
+        assert router.subject_for(invocation("f", f"i{n}")) == own
+        router.finished(f"i{n}")
+    assert router.routes.labels("spill")._value.get() == 0
+    for n in range(10, 13):  # not finished: they count
+        assert router.subject_for(invocation("f", f"i{n}")) == own
+    assert router.subject_for(invocation("f", "i13")) == NAMES.invoke_worker_subject("bb", "w2")
+    router.finished("unknown")  # a result of an invocation routed elsewhere changes nothing

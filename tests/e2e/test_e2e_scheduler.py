@@ -140,13 +140,16 @@ async def worker_of(cluster: Cluster, invocation_id: str) -> str | None:
     return row.worker_id if row is not None else None
 
 
-async def stable_placement(cluster: Cluster, quiet_s: float = 3.0) -> dict:
-    """The placement once no round has changed it for ``quiet_s`` (rebalancing after the joins settled)."""
+async def stable_placement(cluster: Cluster, quiet_s: float = 3.0, seen: dict[str, set[str]] | None = None) -> dict:
+    """The placement once no round has changed it for ``quiet_s`` (rebalancing after the joins settled);
+    ``seen`` collects every worker shown holding each function meanwhile."""
     loop = asyncio.get_running_loop()
     last, since = None, loop.time()
     deadline = since + 60
     while loop.time() < deadline:
         p = await cluster.placement()
+        for f, ws in p["replicas"].items() if seen is not None else ():
+            seen.setdefault(f, set()).update(ws)
         if p["replicas"] != last:
             last, since = p["replicas"], loop.time()
         elif loop.time() - since >= quiet_s:
@@ -228,18 +231,21 @@ def assert_exactly_once(rows: dict[str, Invocation | InvocationResult], usage: d
 
 
 async def test_every_function_is_placed_and_served_by_its_holders(cluster: Cluster) -> None:
+    # Every worker the control plane showed holding each function: a rebalance may move a replica,
+    # and a gateway routes on the last table its KV watch delivered, which may be older.
+    held: dict[str, set[str]] = {}
+
     async def all_placed() -> dict | None:
         p = await cluster.placement()
+        for f, ws in p["replicas"].items():
+            held.setdefault(f, set()).update(ws)
         active = {w for w, v in p["workers"].items() if v["state"] == "active"}
         ok = active == {"w1", "w2", "w3"} and set(p["replicas"]) == set(cluster.function_ids.values())
         return p if ok else None
 
     await wait_for(all_placed, 60, "every function placed on the three active workers")
-    placement = await stable_placement(cluster)
+    placement = await stable_placement(cluster, seen=held)
     affinity_before = await cluster.gateway_counter("lorafaas_gateway_routes_total", 'outcome="affinity"')
-    # Every worker the control plane showed holding the function during the test: a rebalance may
-    # move a replica meanwhile, and a gateway routes on the table it last saw (up to a round older).
-    held: dict[str, set[str]] = {fid: set(ws) for fid, ws in placement["replicas"].items()}
     async with cluster.client() as c:
         for name, fid in cluster.function_ids.items():
             for i in range(2):
