@@ -460,8 +460,9 @@ async def _worker_path(engine: LoraEngine, prompt: list[int], adapter: str, args
         # A worker's engine thread lives as long as the process: warm this fresh one (its first
         # torch ops set up thread-local state) before timing, as a worker that has served before.
         warm = await runner.submit(EngineRequest("warm", adapter, prompt, max_tokens=3, ignore_eos=True))
-        while not (await warm.get()).finished:
-            pass
+        out = await warm.get()
+        while not out.finished:  # drain the warm-up's outputs
+            out = await warm.get()
         request = EngineRequest("w0", adapter, prompt, max_tokens=args.decode_tokens + 1, ignore_eos=True)
         queue = await runner.submit(request)
         while True:

@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.replay import RequestRecord, build_models, memory_for, pct, replay_system  # noqa: E402
+from benchmarks.replay import RequestRecord, build_models, memory_for, pct, reduction, replay_system  # noqa: E402
 from benchmarks.replay_systems import (  # noqa: E402
     FunctionSpec,
     LorafaasSystem,
@@ -156,10 +156,6 @@ def summarize(
         "pool_pages_used_peak": max(pages, default=0),
         "commands": commands,
     }
-
-
-def reduction(ours: float, theirs: float) -> float:
-    return 1.0 - ours / theirs if theirs > 0 else 0.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -13,6 +13,7 @@ the worker stops taking work and exits non-zero (its messages are redelivered el
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -254,10 +255,8 @@ class EngineRunner:
 
     def _post(self, fn: Callable[..., object], *args: object) -> None:
         assert self._loop is not None
-        try:
+        with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody is left to read the outputs
             self._loop.call_soon_threadsafe(fn, *args)
-        except RuntimeError:  # the event loop is closed: nobody is left to read the outputs
-            pass
 
     def _deliver(self, outputs: list[StepOutput], elapsed: float) -> None:
         """On the event loop: one call per step puts every output on its request's queue."""

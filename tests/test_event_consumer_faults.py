@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -92,8 +92,8 @@ async def test_a_nul_byte_result_is_dead_lettered_settled_failed_and_not_billed(
     await ensure_streams(js, names)
     served = await _function(settings, backbone_dir, adapter_dirs["a8"], "nul-tenant")
     poisoned, healthy = await _accept(settings, served), await _accept(settings, served)
-    for inv_id, text in ((poisoned, "a\x00b"), (healthy, "fine")):
-        result = _result(inv_id, served, text)
+    for inv_id, body in ((poisoned, "a\x00b"), (healthy, "fine")):
+        result = _result(inv_id, served, body)
         await js.publish(names.result_subject(inv_id), result.encode(), headers={MSG_ID_HEADER: result_msg_id(inv_id)})
 
     async def settled(_consumer: EventConsumer) -> bool:
@@ -169,8 +169,8 @@ async def test_database_errors_are_classified(settings: Settings) -> None:
     away = create_async_engine(f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/x")
     try:
         with pytest.raises(OSError) as refused:
-            async with away.connect():
-                pass
+            async with away.connect() as conn:
+                await conn.execute(text("select 1"))
     finally:
         await away.dispose()
     assert is_transient(refused.value)

@@ -127,8 +127,9 @@ async def test_an_idle_or_moving_engine_is_alive(tiny, tmp_path) -> None:
     runner.start()
     try:
         queue = await runner.submit(EngineRequest("r1", None, [1, 5, 9], max_tokens=3, ignore_eos=True))
-        while not (await queue.get()).finished:
-            pass
+        out = await queue.get()
+        while not out.finished:  # run r1 to its end
+            out = await queue.get()
         await asyncio.sleep(0.05)
         beat = _beat(service)
     finally:
