@@ -18,6 +18,7 @@ from gpuworker.models import load_backbone
 from gpuworker.runner import EngineRunner
 from gpuworker.service import WorkerService
 from lorafaas.artifacts import ArtifactStore, parse_s3_uri
+from lorafaas.heap import freeze_startup_heap
 from lorafaas.names import Names
 from lorafaas.settings import Settings
 from lorafaas.streams import ensure_streams
@@ -71,6 +72,7 @@ async def build_service(settings: Settings) -> tuple[WorkerService, EngineRunner
 
 async def run_worker(settings: Settings) -> None:
     service, runner, nc = await build_service(settings)
+    freeze_startup_heap()  # the backbone, torch and transformers: never scanned again
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from launcher import tenant_cli
 from lorafaas.errors import LorafaasError
+from lorafaas.heap import freeze_startup_heap
 from lorafaas.settings import Settings
 
 
@@ -24,7 +25,9 @@ def _run_gateway(settings: Settings, _: argparse.Namespace) -> None:
 
     from gateway.app import create_app
 
-    uvicorn.run(create_app(settings), host=settings.gateway_host, port=settings.gateway_port, log_level="warning")
+    app = create_app(settings)
+    freeze_startup_heap()
+    uvicorn.run(app, host=settings.gateway_host, port=settings.gateway_port, log_level="warning")
 
 
 def _run_controlplane(settings: Settings, _: argparse.Namespace) -> None:
@@ -32,9 +35,9 @@ def _run_controlplane(settings: Settings, _: argparse.Namespace) -> None:
 
     from controlplane.main import create_app
 
-    uvicorn.run(
-        create_app(settings), host=settings.controlplane_host, port=settings.controlplane_port, log_level="warning"
-    )
+    app = create_app(settings)
+    freeze_startup_heap()
+    uvicorn.run(app, host=settings.controlplane_host, port=settings.controlplane_port, log_level="warning")
 
 
 def _run_worker(settings: Settings, _: argparse.Namespace) -> None:
