@@ -143,6 +143,7 @@ class PlacementRouter:
                 current.states,
                 current.table.spill_threshold,
                 next(self._turn),
+                current.table.warming.get(invocation.adapter.function_id, ()),
             )
             if choice is not None:
                 current.sent[choice.worker_id] = current.sent.get(choice.worker_id, 0) + 1

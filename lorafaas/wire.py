@@ -324,6 +324,8 @@ class PlacementTable(WireMessage):
     backbone: str
     version: int
     replicas: dict[str, list[str]] = Field(default_factory=dict)  # function_id -> worker ids, preferred first
+    # function_id -> its replicas still loading the adapter (spill targets only until they hold it)
+    warming: dict[str, list[str]] = Field(default_factory=dict)
     workers: dict[str, RoutedWorker] = Field(default_factory=dict)
     spill_threshold: int = 8
     shed: bool = False

@@ -138,3 +138,13 @@ def test_router_forgets_a_send_once_its_result_is_heard() -> None:
         assert router.subject_for(invocation("f", f"i{n}")) == own
     assert router.subject_for(invocation("f", "i13")) == NAMES.invoke_worker_subject("bb", "w2")
     router.finished("unknown")  # a result of an invocation routed elsewhere changes nothing
+
+
+def test_router_keeps_a_replica_that_is_still_loading_for_spills() -> None:
+    """The table's ``warming`` replica gets traffic only once the ready holder is past the threshold."""
+    router = PlacementRouter(None, NAMES, SchedulerSettings(), CollectorRegistry())  # type: ignore[arg-type]
+    loading = table({"w1": 0, "w2": 0}).model_copy(update={"replicas": {"f": ["w1", "w2"]}, "warming": {"f": ["w2"]}})
+    router.apply(PlacementTable.decode(loading.encode()))  # as the gateway reads it from the bucket
+    subjects = [router.subject_for(invocation("f", f"i{n}")) for n in range(4)]
+    assert subjects == [NAMES.invoke_worker_subject("bb", "w1")] * 3 + [NAMES.invoke_worker_subject("bb", "w2")]
+    assert router.routes.labels("spill")._value.get() == 0  # w2 holds a placement: not a spill

@@ -96,6 +96,7 @@ class Planned(System):
         self.placement = Placement(0, {})
         self.shed: frozenset[str] = frozenset()
         self._kept: dict[int, set[int]] = {}
+        self.warming: dict[str, tuple[str, ...]] = {}
         self._window: dict[int, list[float]] = {}  # fn -> [requests, tokens] since the last plan
 
     def setup(self, sim: Sim) -> None:
@@ -188,6 +189,9 @@ class Planned(System):
                 sim.evict(w, f)
         if initial:
             sim.c.adapter_loads = 0
+        # What the published table says is still loading: as of this round's view (live, the table
+        # is built from the reports the plan read); the initial preloads are resident at time 0.
+        self.warming = routing_policy.warming_replicas(plan.placement, self.view(sim) if initial else view)
 
     def keep(self, sim: Sim, w: SimWorker) -> set[int]:
         return self._kept.get(w.wid, set())
@@ -200,7 +204,9 @@ class Planned(System):
             sim.c.rejected += 1
             return
         states = self.placement.worker_states
-        choice = self.route_fn(fname(req.fn), self.placement, sim.depths, states, self.threshold, req.rid)
+        function_id = fname(req.fn)
+        warming = self.warming.get(function_id, ())
+        choice = self.route_fn(function_id, self.placement, sim.depths, states, self.threshold, req.rid, warming)
         if choice is None:
             req.rejected = True
             sim.c.rejected += 1

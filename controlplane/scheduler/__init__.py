@@ -10,8 +10,10 @@ Public API (stable; the live loop and the simulator call exactly these):
 - ``placement.plan(view, demand, catalog, previous, config, seed) -> Plan``: rank-aware placement
   and contention decisions (replicas, PREFETCH/OFFLOAD commands, bounded moves, shed backbones).
 - ``placement.rank_oblivious_plan(...)``: the baseline with the same signature (random placement).
-- ``routing.choose_worker(function_id, placement, queue_depth, states, threshold, tiebreak) ->
-  RouteChoice | None``: affinity to the least-queued active holder, spill-over when every holder
-  is above ``threshold``; ``routing.least_loaded`` is the baseline with the same signature.
+- ``routing.choose_worker(function_id, placement, queue_depth, states, threshold, tiebreak, warming)
+  -> RouteChoice | None``: affinity to the least-queued active holder that holds the adapter,
+  spill-over (to a holder still loading it first) when every one is above ``threshold``;
+  ``routing.least_loaded`` is the baseline with the same signature. ``routing.warming_replicas(
+  placement, view)`` says which replicas are still loading (published in the placement table).
 - ``model.PlacementConfig``, ``model.RouteChoice`` and the other plain data in ``model``.
 """

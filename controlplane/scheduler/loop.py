@@ -59,6 +59,7 @@ from controlplane.scheduler.model import (
 )
 from controlplane.scheduler.prefetch import PREDICTORS, OnDemand, PredictiveAdvisor
 from controlplane.scheduler.reroute import Rerouter
+from controlplane.scheduler.routing import warming_replicas
 from controlplane.scheduler.view import ClusterTracker, ReportedDemand, adapter_spec
 from controlplane.services import functions as function_service
 from lorafaas import wire
@@ -291,6 +292,7 @@ class SchedulerLoop:
             backbone=backbone,
             version=plan.placement.version,
             replicas={f: list(ws) for f, ws in plan.placement.replicas.items() if f in functions},
+            warming={f: list(ws) for f, ws in warming_replicas(plan.placement, view).items() if f in functions},
             workers={
                 w: wire.RoutedWorker(state=v.state.value, queued=v.queued + self.tracker.workers[w].stream_queued)
                 for w, v in workers.items()

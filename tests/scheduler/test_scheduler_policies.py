@@ -16,11 +16,13 @@ from controlplane.scheduler.model import (
     Demand,
     Placement,
     PlacementConfig,
+    RouteChoice,
+    Tier,
     WorkerState,
     WorkerView,
 )
 from controlplane.scheduler.placement import PLACEABLE, plan, rank_class, rank_oblivious_plan
-from controlplane.scheduler.routing import choose_worker, least_loaded
+from controlplane.scheduler.routing import choose_worker, least_loaded, warming_replicas
 
 pytestmark = pytest.mark.unit
 
@@ -229,32 +231,62 @@ def routes(draw):
     states = {w: draw(st.sampled_from(list(WorkerState))) for w in names}
     holders = tuple(draw(st.lists(st.sampled_from([*names, "gone"]), max_size=4, unique=True))) if names else ()
     depth = {w: draw(st.integers(0, 20)) for w in names}
-    return Placement(1, {"f": holders}, states), depth, states, draw(st.integers(0, 10)), draw(st.integers(0, 99))
+    warming = tuple(w for w in holders if draw(st.booleans()))
+    placement = Placement(1, {"f": holders}, states)
+    return placement, depth, states, draw(st.integers(0, 10)), draw(st.integers(0, 99)), warming
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(routes())
-def test_routing_returns_an_active_worker_and_spills_only_when_every_holder_is_over(r):
-    placement, depth, states, threshold, tiebreak = r
+def test_routing_returns_an_active_worker_and_spills_only_when_every_ready_holder_is_over(r):
+    placement, depth, states, threshold, tiebreak, warming = r
     active = [w for w, s in states.items() if s == WorkerState.ACTIVE]
     for route in (choose_worker, least_loaded):
-        choice = route("f", placement, depth, states, threshold, tiebreak)
+        choice = route("f", placement, depth, states, threshold, tiebreak, warming)
         assert (choice is None) == (not active)
         if choice is None:
             continue
         assert states[choice.worker_id] == WorkerState.ACTIVE
-        assert route("f", placement, depth, states, threshold, tiebreak) == choice
-    choice = choose_worker("f", placement, depth, states, threshold, tiebreak)
+        assert route("f", placement, depth, states, threshold, tiebreak, warming) == choice
+    choice = choose_worker("f", placement, depth, states, threshold, tiebreak, warming)
     holders = [w for w in placement.replicas["f"] if states.get(w) == WorkerState.ACTIVE]
+    ready = [w for w in holders if w not in warming] or holders
     if choice is None:
         return
     if choice.spilled:
         assert choice.worker_id not in holders
-        assert all(depth[h] > threshold for h in holders)
+        assert all(depth[h] > threshold for h in ready)
+        assert all(depth[h] >= min(depth[r] for r in ready) for h in holders if h not in ready)
+    elif min((depth[h] for h in ready), default=threshold + 1) <= threshold:  # a ready holder has room
+        assert choice.worker_id in ready and depth[choice.worker_id] == min(depth[h] for h in ready)
     else:
         assert choice.worker_id in holders
-        least = min(depth[h] for h in holders)
-        assert depth[choice.worker_id] == least or least > threshold
+
+
+def test_routing_sends_to_a_replica_still_loading_only_past_the_ready_ones():
+    states = {w: WorkerState.ACTIVE for w in ("ready", "new", "other")}
+    placement = Placement(1, {"f": ("ready", "new")}, states)
+    idle_new = {"ready": 2, "new": 0, "other": 0}
+    assert choose_worker("f", placement, idle_new, states, 2, warming=("new",)).worker_id == "ready"
+    over = choose_worker("f", placement, {"ready": 3, "new": 1, "other": 0}, states, 2, warming=("new",))
+    assert over == RouteChoice("new", spilled=False)  # its load is under way: before a worker without it
+    only_loading = choose_worker("f", placement, idle_new, states, 2, warming=("ready", "new"))
+    assert only_loading == RouteChoice("new", spilled=False)
+
+
+def test_warming_replicas_are_those_without_the_adapter_in_memory():
+    def worker(name: str, tier: Tier | None) -> WorkerView:
+        return WorkerView(name, "b", WorkerState.ACTIVE, 10, 10, {"f": tier} if tier else {})
+
+    view = ClusterView(
+        0.0,
+        {
+            w.worker_id: w
+            for w in (worker("d", Tier.DEVICE), worker("h", Tier.HOST), worker("k", Tier.DISK), worker("n", None))
+        },
+    )
+    placement = Placement(1, {"f": ("d", "h", "k", "n", "gone"), "g": ("d",)})
+    assert warming_replicas(placement, view) == {"f": ("k", "n"), "g": ("d",)}  # a worker not in the view: no route
 
 
 def test_routing_prefers_the_least_queued_holder_and_rotates_ties():
