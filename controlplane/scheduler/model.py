@@ -80,6 +80,9 @@ class Placement:
     version: int
     replicas: dict[str, tuple[str, ...]]  # function_id -> worker ids
     worker_states: dict[str, WorkerState] = field(default_factory=dict)
+    # function_id -> view time (``ClusterView.now_s``) its replicas last changed, while that is
+    # within ``PlacementConfig.settle_s``: such a function loses no replica to an optional move.
+    changed_at: dict[str, float] = field(default_factory=dict)
 
 
 class CommandKind(StrEnum):
@@ -131,6 +134,10 @@ class PlacementConfig:
     pool_fill: float = 0.8  # placed adapters use at most this share of a worker's pool pages (rest: spill loads)
     max_moves: int = 8  # optional replica adds/removes per round (hysteresis: no flapping)
     imbalance: float = 0.25  # rebalance only when a worker's load exceeds the mean by this share
+    # ... and its load is past this share of its target: below it every worker has room, and a move
+    # would only cost an adapter load (demand estimates wobble; balancing them at 10% load is churn).
+    rebalance_above: float = 0.5
+    settle_s: float = 30.0  # a function whose replicas changed this recently is not moved or trimmed
     remove_below: float = 0.5  # drop a replica only when demand fits in (replicas - 1) with this margin
     contended_queue: int = 8  # a worker with more queued invocations than this is contended
     saturated_queue: int = 32  # every live worker above this -> shed the backbone (429)

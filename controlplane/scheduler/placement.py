@@ -10,7 +10,8 @@ no I/O, no clock, no global state; the seed only breaks ties. One round:
    function without a replica would only be served by spill-over;
 3. *optional*, at most ``config.max_moves`` replica adds + removes per round (hysteresis):
    drop a replica of a function gone cold, add replicas to hot functions (demand, or every
-   holder contended), then move replicas off workers loaded above the mean by ``imbalance``;
+   holder contended), then move replicas off workers loaded above the mean by ``imbalance``; a
+   function whose replicas changed within ``settle_s`` loses none (no flapping on wobbling demand);
 4. contention commands: offload adapters that sit on the device of a contended worker without
    being placed there or wanted by its queue; shed a backbone whose every worker is saturated.
 
@@ -93,6 +94,8 @@ class _Board:
     added: list[tuple[str, str]] = field(default_factory=list)
     removed: list[tuple[str, str]] = field(default_factory=list)
     home: dict[str, int] = field(default_factory=dict)  # worker -> the rank class it serves
+    settling: frozenset[str] = frozenset()  # functions whose replicas changed within settle_s
+    joining: bool = False  # a worker of the backbone is joining
 
     def __post_init__(self) -> None:
         for w in self.cap_pages:
@@ -223,8 +226,26 @@ def plan(
             shed.add(backbone)
     changed = replicas != previous.replicas
     states = {w: v.state for w, v in view.workers.items()}
-    placement = Placement(previous.version + (1 if changed else 0), replicas, states)
+    placement = Placement(
+        previous.version + (1 if changed else 0), replicas, states, _changed_at(view, previous, replicas, config)
+    )
     return Plan(placement, tuple(commands), moves, frozenset(shed), forced, loads)
+
+
+def _settling(view: ClusterView, previous: Placement, config: PlacementConfig) -> frozenset[str]:
+    return frozenset(fn for fn, t in previous.changed_at.items() if view.now_s - t < config.settle_s)
+
+
+def _changed_at(
+    view: ClusterView, previous: Placement, replicas: Mapping[str, tuple[str, ...]], config: PlacementConfig
+) -> dict[str, float]:
+    """When each function's replicas last changed, kept only while it still holds it in place."""
+    settling = _settling(view, previous, config)
+    stamps = {fn: previous.changed_at[fn] for fn in settling if fn in replicas}
+    for fn, holders in replicas.items():
+        if holders != previous.replicas.get(fn):
+            stamps[fn] = view.now_s
+    return dict(sorted(stamps.items()))
 
 
 def _live_workers(view: ClusterView, backbone: str) -> dict[str, int]:
@@ -250,7 +271,11 @@ def _plan_backbone(
     live = {w: int(p * config.pool_fill) for w, p in _live_workers(view, backbone).items()}
     specs = {fn: s for fn, s in sorted(catalog.items()) if s.backbone == backbone}
     costs = {fn: function_cost(s, demand.get(fn), config) for fn, s in specs.items()}
-    board = _Board(config, specs, costs, live, seed)
+    # A worker joining is capacity the operator added: it gets its share now, without waiting out
+    # the settle time or the light-load floor of the rebalance (the move budget is lifted too).
+    joining = any(view.workers[w].state == WorkerState.JOINING for w in live)
+    settling = frozenset() if joining else _settling(view, previous, config)
+    board = _Board(config, specs, costs, live, seed, settling=settling, joining=joining)
     order = sorted(specs, key=lambda fn: (-costs[fn], _tiebreak(seed, fn)))
     dropped = _keep_previous(board, previous, order)
     board.assign_homes()
@@ -300,7 +325,7 @@ def _drop_cold(board: _Board, view: ClusterView, order: list[str], budget: list[
         if budget[0] <= 0:
             return
         backlog = any(view.workers[w].queue_depth.get(fn, 0) > board.config.contended_queue for w in hs)
-        if len(hs) > 1 and board.costs[fn] / (len(hs) - 1) < limit and not backlog:
+        if len(hs) > 1 and board.costs[fn] / (len(hs) - 1) < limit and not backlog and fn not in board.settling:
             w = max(hs, key=lambda h: (board.load[h], h))
             board.remove(fn, w)
             board.removed.append((fn, w))
@@ -329,17 +354,27 @@ def _add_hot(board: _Board, view: ClusterView, order: list[str], budget: list[in
 
 
 def _rebalance(board: _Board, budget: list[int]) -> None:
-    """Move replicas off workers loaded above the mean by ``imbalance`` (one move = add + remove)."""
+    """Move replicas off workers loaded above the mean by ``imbalance`` and past ``rebalance_above``
+    of their target (one move = add + remove).
+
+    Against flapping (before these rules a function ping-ponged between workers every few seconds in
+    the live replay, as the demand estimate wobbled): a move must leave its destination at or under
+    the trigger, so a function too hot for any worker stays put (more load is the replica trigger's
+    job); a function whose replicas changed within ``settle_s`` is not moved; and nothing moves while
+    the hottest worker has room, unless a worker is joining.
+    """
     cfg = board.config
     workers = list(board.cap_pages)
     if len(workers) < 2:
         return
     while budget[0] >= 2:
         mean = sum(board.load.values()) / len(workers)
+        trigger = mean * (1 + cfg.imbalance)
         hot = max(workers, key=lambda w: (board.load[w], w))
-        if mean <= 1e-9 or board.load[hot] <= mean * (1 + cfg.imbalance):
+        floor = 0.0 if board.joining else board.target * cfg.rebalance_above
+        if mean <= 1e-9 or board.load[hot] <= max(trigger, floor):
             return
-        move = _best_move(board, hot)
+        move = _best_move(board, hot, trigger)
         if move is None:
             return
         fn, dest = move
@@ -350,15 +385,16 @@ def _rebalance(board: _Board, budget: list[int]) -> None:
         budget[0] -= 2
 
 
-def _best_move(board: _Board, hot: str) -> tuple[str, str] | None:
-    """The (function, destination) that lowers the hotter of the two workers the most."""
+def _best_move(board: _Board, hot: str, trigger: float) -> tuple[str, str] | None:
+    """The (function, destination) that lowers the hotter of the two workers the most, leaving the
+    destination at or under ``trigger``."""
     best: tuple[float, int, str, str] | None = None
     for fn, hs in board.holders.items():
-        if hot not in hs:
+        if hot not in hs or fn in board.settling:
             continue
         share = board.share(fn)
         dest = board.best_worker(fn)
-        if dest is None or share <= 0:
+        if dest is None or share <= 0 or board.load[dest] + share > trigger + 1e-9:
             continue
         after = max(board.load[hot] - share, board.load[dest] + share)
         if after >= board.load[hot] - 1e-9:
