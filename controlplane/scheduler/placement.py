@@ -239,7 +239,7 @@ def _settling(view: ClusterView, previous: Placement, config: PlacementConfig) -
 def _changed_at(
     view: ClusterView, previous: Placement, replicas: Mapping[str, tuple[str, ...]], config: PlacementConfig
 ) -> dict[str, float]:
-    """When each function's replicas last changed, kept only while it still holds it in place."""
+    """When each function's replicas last changed; an entry lives only while it is within ``settle_s``."""
     settling = _settling(view, previous, config)
     stamps = {fn: previous.changed_at[fn] for fn in settling if fn in replicas}
     for fn, holders in replicas.items():
