@@ -111,7 +111,13 @@ async def test_loop_runs_the_predictor_and_keeps_its_unloads(settings: Settings,
         {"hot": [0.5 + i for i in range(60)], "idle": [300.5 + i for i in range(100)], "cold": []},
     )
     hot, idle, cold = ids["hot"], ids["idle"], ids["cold"]
-    scheduler = settings.scheduler.model_copy(update={"predictor": predictor, "predictor_bucket_s": 1.0})
+    # Odds 0.1, not the default 0.2: hot's last arrival is 5-6 s old by the final forecast (warm-up and six
+    # rounds), and past its 1 s idle times its odds of an arrival are 1 / (idle buckets): with 0.2 the test
+    # passed only when it reached that forecast within 5 buckets (a slow CI machine took 5 and failed).
+    # idle's odds are ~1/300 either way.
+    scheduler = settings.scheduler.model_copy(
+        update={"predictor": predictor, "predictor_bucket_s": 1.0, "predictor_threshold": 0.1}
+    )
     # A NATS prefix of its own: a scheduler loop of another test in this session (same prefix, same
     # database) would otherwise see w1's reports, place these functions and send its own prefetches.
     private = settings.nats.model_copy(update={"prefix": f"{settings.nats.prefix}lp{uuid.uuid4().hex[:6]}"})
