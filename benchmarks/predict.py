@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.trace_args import add_function_args, add_slice_args  # noqa: E402
 from controlplane.scheduler.predict import (  # noqa: E402
     AggregateRate,
     Ewma,
@@ -271,14 +272,9 @@ def plot(result: dict, path: Path) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--trace", type=Path, default=ROOT / "data" / "AzureLLMInferenceTrace_conv.csv")
-    p.add_argument("--start", type=float, default=0.0, help="start offset of the slice (s)")
-    p.add_argument("--duration", type=float, default=3600.0, help="length of the slice (s)")
+    add_slice_args(p, duration=3600.0)
     p.add_argument("--bucket", type=float, default=5.0, help="time bucket (s)")
-    p.add_argument("--functions", type=int, default=40)
-    p.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent of function popularity")
-    p.add_argument("--ranks", default="8,16,32,64,128", help="rank mix each function's rank is drawn from")
-    p.add_argument("--seed", type=int, default=0)
+    add_function_args(p, functions=40)
     p.add_argument("--no-lstm", action="store_true", help="skip the LSTM (the slowest predictor)")
     p.add_argument("--out", type=Path, help="write JSON results here")
     p.add_argument("--plot", type=Path, help="write the PNG of the curves here")

@@ -29,6 +29,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.replay_systems import SYSTEMS, FunctionSpec, ReplaySetup, System, make_system  # noqa: E402
+from benchmarks.trace_args import add_function_args, add_scaling_args, add_slice_args  # noqa: E402
 from launcher import trace  # noqa: E402
 from launcher.devstack import DevStack  # noqa: E402
 from launcher.platform import invocation_timings  # noqa: E402
@@ -368,27 +369,9 @@ def memory_for(backbone: Path, adapters: list[Path], pool_fraction: float, host_
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--trace",
-        type=Path,
-        default=ROOT / "data" / "AzureLLMInferenceTrace_conv.csv",
-        help="CSV with TIMESTAMP, ContextTokens, GeneratedTokens",
-    )
-    p.add_argument("--start", type=float, default=0.0, help="start offset of the slice (s)")
-    p.add_argument("--duration", type=float, default=60.0, help="length of the slice (s)")
-    p.add_argument("--time-scale", type=float, default=1.0, help="replayed gap = original gap x this")
-    p.add_argument("--token-scale", type=float, default=1 / 16, help="token lengths x this")
-    p.add_argument("--max-prompt", type=int, default=128, help="cap on scaled prompt tokens")
-    p.add_argument("--max-output", type=int, default=32, help="cap on scaled output tokens")
-    p.add_argument(
-        "--functions",
-        type=int,
-        default=10,
-        help="number of LoRA functions (with N always-warm functions, dedicated holds ~N devices)",
-    )
-    p.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent of function popularity")
-    p.add_argument("--ranks", default="8,16,32,64,128", help="rank mix each function's rank is drawn from")
-    p.add_argument("--seed", type=int, default=0)
+    add_slice_args(p, duration=60.0)
+    add_scaling_args(p)
+    add_function_args(p, functions=10)
     p.add_argument(
         "--workers", type=int, default=1, help="shared-backbone workers (lorafaas, reactive, rank-oblivious)"
     )

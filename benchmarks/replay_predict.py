@@ -51,6 +51,7 @@ from benchmarks.replay_systems import (  # noqa: E402
     ReplaySetup,
     System,
 )
+from benchmarks.trace_args import add_function_args, add_scaling_args, add_slice_args  # noqa: E402
 from launcher import trace, workloads  # noqa: E402
 from launcher.devstack import DevStack  # noqa: E402
 from launcher.platform import invocation_timings  # noqa: E402
@@ -160,20 +161,12 @@ def summarize(
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--trace", type=Path, default=ROOT / "data" / "AzureLLMInferenceTrace_conv.csv")
-    p.add_argument("--start", type=float, default=0.0, help="start offset of the slice (s)")
-    p.add_argument("--duration", type=float, default=600.0, help="length of the slice (s)")
-    p.add_argument("--time-scale", type=float, default=0.1, help="replayed gap = original gap x this")
-    p.add_argument("--token-scale", type=float, default=1 / 64, help="token lengths x this")
-    p.add_argument("--max-prompt", type=int, default=32, help="cap on scaled prompt tokens")
-    p.add_argument("--max-output", type=int, default=4, help="cap on scaled output tokens")
+    add_slice_args(p, duration=600.0)
+    add_scaling_args(p, time_scale=0.1, token_scale=1 / 64, max_prompt=32, max_output=4)
     p.add_argument(
         "--sample", type=int, default=8, help="keep every Nth request of the slice (thins the rate, keeps the timing)"
     )
-    p.add_argument("--functions", type=int, default=12)
-    p.add_argument("--zipf", type=float, default=1.1)
-    p.add_argument("--ranks", default="8,16,32,64,128")
-    p.add_argument("--seed", type=int, default=0)
+    add_function_args(p, functions=12)
     p.add_argument("--shape", default="tiny", help="backbone shape (tiny, demo, small, llama-7b)")
     p.add_argument("--pool-fraction", type=float, default=0.4, help="device pool as a fraction of all adapters")
     p.add_argument("--bucket", type=float, default=1.0, help="predictor time bucket (s, replayed time)")

@@ -51,6 +51,7 @@ from benchmarks.replay import (
     stream_completion,
 )
 from benchmarks.replay_systems import FunctionSpec, ReplaySetup, System, make_system
+from benchmarks.trace_args import add_function_args, add_scaling_args, add_slice_args
 from controlplane.scheduler.model import PlacementConfig
 from gpuworker.subscriptions import FETCH_TIMEOUT_S
 from launcher import trace
@@ -72,17 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
     )
     p.add_argument("--profile", default="cpu-this-machine")
-    p.add_argument("--trace", type=Path, default=ROOT / "data" / "AzureLLMInferenceTrace_conv.csv")
-    p.add_argument("--start", type=float, default=0.0)
-    p.add_argument("--duration", type=float, default=20.0, help="length of the trace slice (s)")
-    p.add_argument("--time-scale", type=float, default=1.0)
-    p.add_argument("--token-scale", type=float, default=1 / 16)
-    p.add_argument("--max-prompt", type=int, default=128)
-    p.add_argument("--max-output", type=int, default=32)
-    p.add_argument("--functions", type=int, default=10)
-    p.add_argument("--zipf", type=float, default=1.1)
-    p.add_argument("--ranks", default="8,16,32,64,128")
-    p.add_argument("--seed", type=int, default=0)
+    add_slice_args(p, duration=20.0)
+    add_scaling_args(p)
+    add_function_args(p, functions=10)
     p.add_argument("--workers", type=int, default=3)
     p.add_argument("--shape", default="tiny")
     p.add_argument("--pool-fraction", type=float, default=0.5)
