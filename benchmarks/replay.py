@@ -18,6 +18,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 from rich.console import Console
@@ -57,6 +58,7 @@ class RequestRecord:
     error: str = ""
     backbone_ready: float | None = None  # set when the backbone was not resident at arrival
     load_s: float = 0.0
+    load_tier: str = ""  # where the adapter came from when the request waited for it
     queue_wait_s: float = 0.0  # the worker's measure: accepted by the gateway -> in a batch
     worker_ttft_s: float = 0.0  # the worker's measure: accepted by the gateway -> first token
 
@@ -71,6 +73,22 @@ class RequestRecord:
     @property
     def gaps(self) -> list[float]:
         return [b - a for a, b in zip(self.chunk_times, self.chunk_times[1:])]
+
+    def as_json(self) -> dict[str, Any]:
+        """The request as the benchmarks' JSON keeps it: arrival, client and worker timings, tokens."""
+        return {
+            "function": self.function_index,
+            "arrival_s": self.arrival_s,
+            "ok": self.ok,
+            "ttft_s": self.ttft,
+            "queue_wait_s": self.queue_wait_s,
+            "worker_ttft_s": self.worker_ttft_s,
+            "load_s": self.load_s,
+            "prompt_tokens": self.usage_prompt_tokens or self.prompt_tokens,
+            "output_tokens": self.completion_tokens,
+            "sent": self.sent,
+            "done": self.done,
+        }
 
     @property
     def cold(self) -> bool:
@@ -181,6 +199,7 @@ async def attach_load_times(system: System, records: list[RequestRecord]) -> Non
     ids = {r.invocation_id.removeprefix("cmpl-"): r for r in records if r.invocation_id}
     for inv_id, timings in (await invocation_timings(system.settings, list(ids))).items():
         ids[inv_id].load_s = float(timings.get("load_s", 0.0))
+        ids[inv_id].load_tier = str(timings.get("load_tier", ""))
         ids[inv_id].queue_wait_s = float(timings.get("queue_wait_s", 0.0))
         ids[inv_id].worker_ttft_s = float(timings.get("ttft_s", 0.0))
 
@@ -348,11 +367,14 @@ def build_models(workdir: Path, shape: str, ranks: list[int]) -> tuple[Path, lis
     return backbone, adapters
 
 
-def memory_for(backbone: Path, adapters: list[Path], pool_fraction: float, host_fraction: float) -> tuple[int, int]:
-    """(device pool pages, host cache bytes) that hold these fractions of the adapters' total size
-    (0 = the worker's default)."""
-    if pool_fraction <= 0 and host_fraction <= 0:
-        return 0, 0
+@dataclass(frozen=True)
+class AdapterSize:
+    pages: int  # device pool pages it takes on this backbone
+    nbytes: int
+
+
+def adapter_sizes(backbone: Path, adapters: list[Path]) -> list[AdapterSize]:
+    """Each adapter's size as the worker holds it (read once from its folder)."""
     from transformers import AutoConfig
 
     from gpuworker.engine import AdapterWeights
@@ -361,10 +383,17 @@ def memory_for(backbone: Path, adapters: list[Path], pool_fraction: float, host_
     config = AutoConfig.from_pretrained(backbone)
     page = page_elems_for(config)
     weights = [AdapterWeights.from_peft_folder(a, config) for a in adapters]
-    pages = [-(-w.numel // page) for w in weights]
-    pool = max(max(pages), int(sum(pages) * pool_fraction)) if pool_fraction > 0 else 0
-    host = max(max(w.nbytes for w in weights), int(sum(w.nbytes for w in weights) * host_fraction))
-    return pool, host if host_fraction > 0 else 0
+    return [AdapterSize(-(-w.numel // page), w.nbytes) for w in weights]
+
+
+def memory_for(sizes: list[AdapterSize], pool_fraction: float, host_fraction: float) -> tuple[int, int]:
+    """(device pool pages, host cache bytes) that hold these fractions of the adapters' total size,
+    never less than the largest one (a fraction of 0 = the worker's default, 0)."""
+
+    def share(values: list[int], fraction: float) -> int:
+        return max(max(values), int(sum(values) * fraction)) if fraction > 0 else 0
+
+    return share([s.pages for s in sizes], pool_fraction), share([s.nbytes for s in sizes], host_fraction)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -445,7 +474,8 @@ async def run(args: argparse.Namespace) -> dict:
     args.workdir.mkdir(parents=True, exist_ok=True)
     backbone, adapter_dirs = await asyncio.to_thread(build_models, args.workdir, args.shape, ranks)
     functions = [FunctionSpec(f"f{i:02d}-r{rank}", rank, d) for i, (rank, d) in enumerate(zip(ranks, adapter_dirs))]
-    pool_pages, host_cache_bytes = memory_for(backbone, adapter_dirs, args.pool_fraction, args.host_fraction)
+    sizes = adapter_sizes(backbone, adapter_dirs)
+    pool_pages, host_cache_bytes = memory_for(sizes, args.pool_fraction, args.host_fraction)
     setup = ReplaySetup(
         backbone,
         functions,
@@ -485,22 +515,7 @@ async def run(args: argparse.Namespace) -> dict:
         "pool_pages": setup.pool_pages,
         "systems": results,
         # per request, for plots and the simulator's validation: arrival, client TTFT, worker timings
-        "requests": {
-            name: [
-                {
-                    "function": r.function_index,
-                    "arrival_s": r.arrival_s,
-                    "ok": r.ok,
-                    "ttft_s": r.ttft,
-                    "queue_wait_s": r.queue_wait_s,
-                    "worker_ttft_s": r.worker_ttft_s,
-                    "load_s": r.load_s,
-                    "output_tokens": r.completion_tokens,
-                }
-                for r in records
-            ]
-            for name, records in per_system.items()
-        },
+        "requests": {name: [r.as_json() for r in records] for name, records in per_system.items()},
         "comparisons": comparisons(results),
     }
     for key, value in report["comparisons"].items():

@@ -43,7 +43,17 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.replay import RequestRecord, build_models, memory_for, pct, reduction, replay_system  # noqa: E402
+from benchmarks.replay import (  # noqa: E402
+    RequestRecord,
+    adapter_sizes,
+    attach_load_times,
+    build_models,
+    memory_for,
+    pct,
+    reduction,
+    replay_system,
+    scaled_trace,
+)
 from benchmarks.replay_systems import (  # noqa: E402
     FunctionSpec,
     LorafaasSystem,
@@ -54,7 +64,6 @@ from benchmarks.replay_systems import (  # noqa: E402
 from benchmarks.trace_args import add_function_args, add_scaling_args, add_slice_args  # noqa: E402
 from launcher import trace, workloads  # noqa: E402
 from launcher.devstack import DevStack  # noqa: E402
-from launcher.platform import invocation_timings  # noqa: E402
 from lorafaas import wire  # noqa: E402
 from lorafaas.names import Names  # noqa: E402
 from lorafaas.settings import S3Settings, Settings  # noqa: E402
@@ -104,36 +113,13 @@ class PredictiveSystem(System):
     name = "predictive"
 
 
-def adapter_pages(backbone: Path, adapters: list[Path]) -> list[int]:
-    from transformers import AutoConfig
-
-    from gpuworker.engine import AdapterWeights
-    from gpuworker.engine.engine import page_elems_for
-
-    config = AutoConfig.from_pretrained(backbone)
-    page = page_elems_for(config)
-    return [-(-AdapterWeights.from_peft_folder(a, config).numel // page) for a in adapters]
-
-
-async def attach_timings(settings: Settings, records: list[RequestRecord]) -> dict[int, str]:
-    """Each invocation's adapter load time and the tier it came from, as the worker measured them."""
-    ids = {r.invocation_id.removeprefix("cmpl-"): r for r in records if r.invocation_id}
-    tiers: dict[int, str] = {}
-    for inv_id, timings in (await invocation_timings(settings, list(ids))).items():
-        ids[inv_id].load_s = float(timings.get("load_s", 0.0))
-        tiers[ids[inv_id].index] = str(timings.get("load_tier", ""))
-    return tiers
-
-
-def summarize(
-    records: list[RequestRecord], tiers: dict[int, str], sampler: PoolSampler, pool_pages: int, measured_from: float
-) -> dict:
+def summarize(records: list[RequestRecord], sampler: PoolSampler, pool_pages: int, measured_from: float) -> dict:
     """Metrics of the requests that arrived after the warm-up (``measured_from``, monotonic)."""
     ok = [r for r in records if r.ok]
     cold = [r for r in ok if r.load_s > 0]
     by_tier: dict[str, dict[str, float]] = {}
     for r in cold:
-        t = by_tier.setdefault(tiers.get(r.index, "") or "unknown", {"count": 0, "added_s": 0.0})
+        t = by_tier.setdefault(r.load_tier or "unknown", {"count": 0, "added_s": 0.0})
         t["count"] += 1
         t["added_s"] += r.load_s
     pages = [p for t, p in sampler.samples if t >= measured_from]
@@ -189,12 +175,8 @@ def make(name: str, base: Settings, setup: ReplaySetup, workdir: Path, args: arg
 
 
 async def run(args: argparse.Namespace) -> dict:
-    scale = trace.TraceScaling(
-        start_s=args.start, duration_s=args.duration, time_scale=args.time_scale, token_scale=args.token_scale,
-        max_prompt_tokens=args.max_prompt, max_output_tokens=args.max_output, functions=args.functions,
-        zipf_s=args.zipf, seed=args.seed,
-    )  # fmt: skip
-    plain = trace.load_trace(args.trace, scale)[:: args.sample]
+    scale, whole, ranks = scaled_trace(args)
+    plain = whole[:: args.sample]
     span = args.duration * args.time_scale
     base_mix = workloads.WorkloadMix()
     mix = dataclasses.replace(
@@ -207,18 +189,17 @@ async def run(args: argparse.Namespace) -> dict:
     )
     patterns = workloads.make_patterns(args.functions, mix, span, args.zipf, args.seed)
     requests = workloads.assign_structured(plain, patterns, span, args.seed)
-    ranks = trace.assign_ranks(args.functions, tuple(int(r) for r in args.ranks.split(",")), args.seed)
     described = [
         trace.describe(args.trace, scale, plain) + f"; every {args.sample}th request kept",
         workloads.describe_mix(patterns, requests, mix),
     ]
-    for line in described:
-        console.print(line)
+    console.print(described[1])  # scaled_trace printed the slice
     args.workdir.mkdir(parents=True, exist_ok=True)
     backbone, adapter_dirs = await asyncio.to_thread(build_models, args.workdir, args.shape, ranks)
     functions = [FunctionSpec(f"f{i:02d}-r{rank}", rank, d) for i, (rank, d) in enumerate(zip(ranks, adapter_dirs))]
-    pool_pages, _ = memory_for(backbone, adapter_dirs, args.pool_fraction, 0.0)
-    pages = adapter_pages(backbone, adapter_dirs)
+    sizes = adapter_sizes(backbone, adapter_dirs)
+    pool_pages, _ = memory_for(sizes, args.pool_fraction, 0.0)
+    pages = [s.pages for s in sizes]
     console.print(f"ranks {ranks}; adapter pages {pages} (sum {sum(pages)}); device pool {pool_pages} pages")
     setup = ReplaySetup(backbone, functions, workers=1, pool_pages=pool_pages)
     base = Settings(s3=S3Settings(endpoint="127.0.0.1:9000", bucket="lorafaas-bench"))
@@ -233,12 +214,12 @@ async def run(args: argparse.Namespace) -> dict:
                 await system.start()
                 records, mono_start, _ = await replay_system(system, requests, functions, args.seed)
                 await asyncio.sleep(1.0)  # let the control plane apply the last results
-                tiers = await attach_timings(system.settings, records)
+                await attach_load_times(system, records)
             finally:
                 await system.stop()
                 await sampler.stop()
             measured = [r for r in records if r.arrival_s >= args.warmup]
-            results[name] = summarize(measured, tiers, sampler, pool_pages, mono_start + args.warmup)
+            results[name] = summarize(measured, sampler, pool_pages, mono_start + args.warmup)
     comparisons = {}
     if "predictive" in results and "reactive" in results:
         p, r = results["predictive"], results["reactive"]

@@ -315,9 +315,9 @@ class RoutedWorker(BaseModel):
 class PlacementTable(WireMessage):
     """One backbone's placement, as the control plane publishes it to the placement bucket.
 
-    Gateways watch it and route each invocation to a replica of its function (the one with
-    the shortest queue), or to the backbone's shared subject when every replica is past
-    ``spill_threshold`` or the function has none. ``shed``: every worker is saturated, answer 429.
+    Gateways watch it and route each invocation with ``controlplane.scheduler.routing.choose_worker``:
+    to a ready replica of its function (the one with the shortest queue), past ``spill_threshold``
+    in flight to a warming replica or another worker. ``shed``: every worker is saturated, answer 429.
     """
 
     kind: Literal["placement"] = "placement"
@@ -327,7 +327,7 @@ class PlacementTable(WireMessage):
     # function_id -> its replicas still loading the adapter (spill targets only until they hold it)
     warming: dict[str, list[str]] = Field(default_factory=dict)
     workers: dict[str, RoutedWorker] = Field(default_factory=dict)
-    spill_threshold: int = 8
+    spill_threshold: int  # the control plane's ``scheduler.spill_threshold``
     shed: bool = False
     retry_after_s: float = 1.0
     published_at: datetime = Field(default_factory=utcnow)

@@ -43,6 +43,7 @@ from rich.table import Table
 from benchmarks.replay import (
     ROOT,
     RequestRecord,
+    adapter_sizes,
     build_models,
     memory_for,
     pct,
@@ -90,20 +91,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # --- live --------------------------------------------------------------------------------------
-def record_json(r: RequestRecord) -> dict[str, Any]:
-    return {
-        "arrival_s": r.arrival_s,
-        "function": r.function_index,
-        "prompt_tokens": r.usage_prompt_tokens or r.prompt_tokens,
-        "output_tokens": r.completion_tokens,
-        "ok": r.ok,
-        "ttft_s": r.ttft,
-        "sent": r.sent,
-        "done": r.done,
-        "gaps_s": r.gaps,
-    }
-
-
 async def probe(system: System, functions: list[FunctionSpec], args: argparse.Namespace) -> list[dict[str, Any]]:
     """One request at a time, each function in turn: the serving path's latency with no queueing.
 
@@ -121,7 +108,7 @@ async def probe(system: System, functions: list[FunctionSpec], args: argparse.Na
                 rec.sent = time.perf_counter()
                 prompt = trace.synthetic_prompt(args.probe_prompt, 1_000_000 + 100 * round_ + i)
                 await stream_completion(client, fn.name, prompt, rec)
-                out.append(record_json(rec) | {"rank": fn.rank})
+                out.append(rec.as_json() | {"rank": fn.rank, "gaps_s": rec.gaps})
     return out
 
 
@@ -131,7 +118,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     args.workdir.mkdir(parents=True, exist_ok=True)
     backbone, adapter_dirs = await asyncio.to_thread(build_models, args.workdir, args.shape, ranks)
     functions = [FunctionSpec(f"f{i:02d}-r{rank}", rank, d) for i, (rank, d) in enumerate(zip(ranks, adapter_dirs))]
-    pool_pages, _ = memory_for(backbone, adapter_dirs, args.pool_fraction, 0.0)
+    pool_pages, _ = memory_for(adapter_sizes(backbone, adapter_dirs), args.pool_fraction, 0.0)
     setup = ReplaySetup(backbone, functions, workers=args.workers, pool_pages=pool_pages)
     base = Settings(s3=S3Settings(endpoint="127.0.0.1:9000", bucket="lorafaas-bench"))
     with DevStack(base, args.workdir / "stack"):
@@ -149,7 +136,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         "pool_pages": setup.pool_pages,
         "max_batch": setup.max_batch,
         "scheduler": base.scheduler.model_dump(),
-        "records": [record_json(r) for r in records],
+        "records": [r.as_json() for r in records],
         "probes": probes,
     }
 

@@ -69,7 +69,7 @@ class Forecaster:
 
     def forecast(self, horizon: int = 1) -> dict[str, FunctionForecast]:
         """Per function, the forecast over the next ``horizon`` buckets (``Predictor.forecast_within``)."""
-        f = self.predictor.forecast() if horizon <= 1 else self.predictor.forecast_within(horizon)
+        f = self.predictor.forecast_within(horizon)
         idle = self.predictor.since_last
         return {
             fid: FunctionForecast(float(f.score[i]), bool(f.keep[i]), float(idle[i]))
