@@ -99,9 +99,11 @@ async def test_engine_thread_applies_the_thread_policy_before_every_step(
         return engine_step()
 
     runner.engine.step = step  # type: ignore[method-assign]
-    runner.start()
     try:
+        # All three are queued before stepping starts: otherwise the first can finish before the
+        # third arrives on a loaded machine, and no step ever runs 3 rows.
         queues = [await runner.submit(req) for req in requests]
+        runner.start()
         got = {}
         for req, queue in zip(requests, queues):
             outs = [await asyncio.wait_for(queue.get(), 30)]
