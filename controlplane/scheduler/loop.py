@@ -229,7 +229,7 @@ class SchedulerLoop:
         specs = self.specs()
         demand = self.demand.estimate(view, specs)
         config = self.config
-        if not any(v.state == WorkerState.JOINING for v in view.workers.values()):  # a join is not churn
+        if not view.joining():
             live = sum(1 for v in view.workers.values() if v.state != WorkerState.DEAD)
             config = replace(config, max_moves=min(config.max_moves, self.move_budget.available(now, live)))
         plan = self.policy(view, demand, specs, self.placement, config, self.settings.seed)

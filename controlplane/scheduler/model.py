@@ -63,6 +63,14 @@ class ClusterView:
     now_s: float
     workers: dict[str, WorkerView]
 
+    def joining(self, backbone: str | None = None) -> bool:
+        """A worker (of ``backbone``, or any) is joining: capacity the operator added, not churn.
+
+        While one joins, the hysteresis is waived (the loop's move budget, the plan's settle time and
+        light-load floor), so the new worker gets its share at once.
+        """
+        return any(v.state == WorkerState.JOINING and backbone in (None, v.backbone) for v in self.workers.values())
+
 
 @dataclass(frozen=True)
 class Demand:

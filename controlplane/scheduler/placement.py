@@ -271,9 +271,7 @@ def _plan_backbone(
     live = {w: int(p * config.pool_fill) for w, p in _live_workers(view, backbone).items()}
     specs = {fn: s for fn, s in sorted(catalog.items()) if s.backbone == backbone}
     costs = {fn: function_cost(s, demand.get(fn), config) for fn, s in specs.items()}
-    # A worker joining is capacity the operator added: it gets its share now, without waiting out
-    # the settle time or the light-load floor of the rebalance (the move budget is lifted too).
-    joining = any(view.workers[w].state == WorkerState.JOINING for w in live)
+    joining = view.joining(backbone)
     settling = frozenset() if joining else _settling(view, previous, config)
     board = _Board(config, specs, costs, live, seed, settling=settling, joining=joining)
     order = sorted(specs, key=lambda fn: (-costs[fn], _tiebreak(seed, fn)))

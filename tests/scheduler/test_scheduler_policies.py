@@ -212,6 +212,7 @@ def test_joining_worker_receives_placements_when_load_is_imbalanced():
     config = PlacementConfig(worker_capacity=4000.0, max_moves=8)
     first = plan(view, demand, catalog, Placement(0, {}), config, 1)
     joined = _cluster(3, states={"w2": WorkerState.JOINING})
+    assert joined.joining() and joined.joining("bb") and not joined.joining("other-backbone")
     second = plan(joined, demand, catalog, first.placement, config, 1)
     assert any("w2" in hs for hs in second.placement.replicas.values())
     assert second.moves - second.forced_moves <= config.max_moves
