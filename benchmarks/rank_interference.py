@@ -7,10 +7,12 @@ time (kernels that pad every adapter to the largest rank). Our engine groups row
 * decode step time of named compositions (8 rank-8 rows alone; with 8 rank-128 rows; 16 rank-8;
   16 rank-128), interleaved round by round, medians;
 * prefill time per prompt length and rank;
-* a least-squares fit of decode step time over many random compositions, twice: the additive
-  model ``a + b*batch + c*sum(rank of each row) + d*groups`` (groups = rank groups the batch
-  runs, one per distinct (rank, rows-per-adapter) run) and the padded model
-  ``a + b*batch + c*batch*max_rank + d*groups``; whichever fits better is our engine's
+* a least-squares fit of decode step time over many random compositions, three times: the
+  additive model ``a + b*batch + c*sum(rank of each row) + d*groups`` (groups = rank groups the
+  batch runs, one per distinct (rank, rows-per-adapter) run), the padded model
+  ``a + b*batch + c*batch*max_rank + d*groups`` and the weight-read model
+  ``a + b*batch + c*sum(rank of each distinct adapter) + d*groups`` (a decode step reads each
+  adapter's A and B once, however many rows use it); whichever fits best is our engine's
   interference model. The fit's per-term values feed the placement policy's ``rank_token_cost``
   and the simulator's CPU profile (``python -m benchmarks.cluster_sim.calibrate``).
 
@@ -109,11 +111,12 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def rows_for(bench: Bench, mix: list[tuple[int, int]]) -> list[str]:
-    """(rank, rows) pairs -> one row per request, spread over that rank's adapters round-robin."""
+def rows_for(bench: Bench, mix: list[tuple[int, int]], adapters: int | None = None) -> list[str]:
+    """(rank, rows) pairs -> one row per request, spread over ``adapters`` (default: all) of that
+    rank's adapters round-robin."""
     rows: list[str] = []
     for rank, count in mix:
-        ids = bench.adapters[rank]
+        ids = bench.adapters[rank][:adapters]
         rows += [ids[i % len(ids)] for i in range(count)]
     return rows
 
@@ -157,12 +160,16 @@ def prefill_lengths(args: argparse.Namespace) -> tuple[int, ...]:
     return (16, 64) if args.quick else (32, 128, 256)
 
 
-NAMED: dict[str, list[tuple[int, int]]] = {
-    "8 x r8": [(8, 8)],
-    "8 x r8 + 8 x r128": [(8, 8), (128, 8)],
-    "16 x r8": [(8, 16)],
-    "16 x r128": [(128, 16)],
-    "8 x r128": [(128, 8)],
+# name -> ((rank, rows) pairs, adapters per rank: None = all of them, rows spread round-robin)
+NAMED: dict[str, tuple[list[tuple[int, int]], int | None]] = {
+    "8 x r8": ([(8, 8)], None),
+    "8 x r8 + 8 x r128": ([(8, 8), (128, 8)], None),
+    "16 x r8": ([(8, 16)], None),
+    "16 x r128": ([(128, 16)], None),
+    "8 x r128": ([(128, 8)], None),
+    # Same rows and ranks, one adapter per rank instead of four: what a step pays per adapter.
+    "16 x r128, 1 adapter": ([(128, 16)], 1),
+    "8 x r8 + 8 x r128, 1 adapter each": ([(8, 8), (128, 8)], 1),
 }
 
 
@@ -171,15 +178,20 @@ def groups_of(rows: list[str]) -> int:
     counts: dict[str, int] = {}
     for a in rows:
         counts[a] = counts.get(a, 0) + 1
-    return len({(int(a.split("-")[0][1:]), m) for a, m in counts.items()})
+    return len({(_rank(a), m) for a, m in counts.items()})
+
+
+def _rank(adapter: str) -> int:
+    return int(adapter.split("-")[0][1:])
 
 
 def features(rows: list[str]) -> dict[str, float]:
-    ranks = [int(a.split("-")[0][1:]) for a in rows]
+    ranks = [_rank(a) for a in rows]
     return {
         "batch": float(len(rows)),
         "rank_sum": float(sum(ranks)),
         "batch_x_max_rank": float(len(rows) * max(ranks)),
+        "adapter_rank_sum": float(sum(_rank(a) for a in set(rows))),
         "groups": float(groups_of(rows)),
     }
 
@@ -227,7 +239,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rng.shuffle(jobs)  # interleaved in a new order each round: outside load hits all alike
             for kind, key in jobs:
                 if kind == "named":
-                    named[key].append(decode_step_s(bench, rows_for(bench, NAMED[key]), rng))
+                    named[key].append(decode_step_s(bench, rows_for(bench, *NAMED[key]), rng))
                 elif kind == "fit":
                     fit_times[key].append(decode_step_s(bench, rows_for(bench, fit_mixes[key]), rng))
                 else:
@@ -239,6 +251,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     pre = {f"r{r}_{n}": statistics.median(v) for (r, n), v in prefill.items()}
     additive = fit(samples, ["batch", "rank_sum", "groups"])
     padded = fit(samples, ["batch", "batch_x_max_rank", "groups"])
+    weights = fit(samples, ["batch", "adapter_rank_sum", "groups"])
     prefill_samples = [
         ({"tokens": float(n), "tokens_x_rank": float(n * r)}, statistics.median(v)) for (r, n), v in prefill.items()
     ]
@@ -251,6 +264,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "prefill_s": pre,
         "fit_additive": additive,
         "fit_padded": padded,
+        "fit_weight_read": weights,
         "fit_prefill": fit(prefill_samples, ["tokens", "tokens_x_rank"]),
         "adapter_bytes_by_rank": bench.bytes_by_rank,
         "samples": [{"features": f, "step_s": s} for f, s in samples],
@@ -269,7 +283,7 @@ def report(res: dict[str, Any]) -> None:
         f"mixed / 16 x r128 = {res['mixed_over_all_r128_same_batch']:.3f} "
         "(LoRAServe's padded-kernel effect would make the second ~1.0)"
     )
-    for name in ("fit_additive", "fit_padded", "fit_prefill"):
+    for name in ("fit_additive", "fit_padded", "fit_weight_read", "fit_prefill"):
         f = res[name]
         terms = ", ".join(f"{k}={v:.3g}±{f['stderr'][k]:.2g}" for k, v in f["coef"].items())
         console.print(f"{name}: {terms}; median rel err {f['median_rel_error']:.3f}, max {f['max_rel_error']:.3f}")

@@ -131,9 +131,10 @@ class PlacementConfig:
 
     worker_capacity: float = 2000.0  # cost units/s one worker sustains at the SLO
     target_utilisation: float = 0.7  # plan loads up to this share of capacity
-    # Extra per-token cost per unit of rank, relative to the backbone's: ~0.004 on this CPU (prefill of 64
-    # tokens, rank 8 -> 128: +45%, docs/engine.md) and ~0.0008 on an H100 7B (LoRA FLOPs / backbone FLOPs,
-    # benchmarks/profiles/gpu-h100-7b.json); the default sits between the two.
+    # Extra per-token cost per unit of rank, relative to the backbone's: 0.0017 on this CPU (decode, demo
+    # shape: rank 128 -> 1.22x a rank-8 row, docs/engine.md) and ~0.0008 on an H100 7B (LoRA FLOPs /
+    # backbone FLOPs, benchmarks/profiles/gpu-h100-7b.json); the default is near the CPU value, where the
+    # live replays run.
     rank_token_cost: float = 0.002
     rank_classes: tuple[int, ...] = (16, 64)  # class boundaries: ranks <= 16, <= 64, above
     rank_mix_penalty: float = 0.25  # score added for placing a function outside its worker's home rank class
