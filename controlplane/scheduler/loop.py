@@ -284,7 +284,9 @@ class SchedulerLoop:
                 seen.stream_queued = 0
 
     # --- carrying it out -----------------------------------------------------------------------
-    def table_for(self, backbone: str, view: ClusterView, plan: Plan) -> wire.PlacementTable:
+    def _table_for(
+        self, backbone: str, view: ClusterView, plan: Plan, warming: dict[str, tuple[str, ...]]
+    ) -> wire.PlacementTable:
         functions = {f for f, e in self.catalog.items() if e.backbone == backbone}
         workers = {w: v for w, v in view.workers.items() if v.backbone == backbone}
         active = [v for v in workers.values() if v.state == WorkerState.ACTIVE]
@@ -292,7 +294,7 @@ class SchedulerLoop:
             backbone=backbone,
             version=plan.placement.version,
             replicas={f: list(ws) for f, ws in plan.placement.replicas.items() if f in functions},
-            warming={f: list(ws) for f, ws in warming_replicas(plan.placement, view).items() if f in functions},
+            warming={f: list(ws) for f, ws in warming.items() if f in functions},
             workers={
                 w: wire.RoutedWorker(state=v.state.value, queued=v.queued + self.tracker.workers[w].stream_queued)
                 for w, v in workers.items()
@@ -306,8 +308,9 @@ class SchedulerLoop:
 
     async def _publish(self, view: ClusterView, plan: Plan) -> None:
         backbones = {e.backbone for e in self.catalog.values()} | {v.backbone for v in view.workers.values()}
+        warming = warming_replicas(plan.placement, view)  # every backbone's, once per round
         for backbone in sorted(backbones):
-            table = self.table_for(backbone, view, plan)
+            table = self._table_for(backbone, view, plan, warming)
             self.tables[backbone] = table
             try:
                 if self.kv is None:
