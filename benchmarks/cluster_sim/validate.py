@@ -5,13 +5,17 @@
 1. Live: the replay of ``benchmarks/replay.py --systems lorafaas --workers 3 --shape tiny`` (same
    slice, seed, functions, ranks, pool and scheduler) through the real stack: HTTP streaming
    client, gateway, NATS, Postgres, S3, the control plane's scheduler and 3 worker processes.
-2. Probes, on the same stack after the replay: requests sent one at a time (nothing else in
-   flight), every function in turn, each after a seeded random pause. What the serving path adds
-   beyond the engine is calibrated from them and the profile: ``step_overhead_s`` = median(probe
-   gap between tokens - predicted decode step of one row), and each probe's delay before its
-   first token (TTFT - predicted prefill - step overhead); the simulation draws every request's
-   delay from those (``request_overhead_s`` is their median). The probes are not the replay's
-   requests: the replay's queueing, batching and placement are predicted, not fitted.
+2. Probes, on the same stack: requests sent one at a time (nothing else in flight), every
+   function in turn, each after a seeded random pause, with prompt lengths drawn from the
+   replay's. Half of the rounds run before the replay and half after it: the machine's load
+   drifts over a minute, and probes on one side only calibrated the replay to a machine it did
+   not run on. Before them, the replay's warm-up (one short request per function, not measured,
+   as in ``benchmarks/replay.py``) pays the stack's first-use costs. What the serving path adds
+   beyond the engine is calibrated from the probes and the profile: ``step_overhead_s`` =
+   median(probe gap between tokens - predicted decode step of one row), and each probe's delay
+   before its first token (TTFT - predicted prefill - step overhead); the simulation draws every
+   request's delay from those (``request_overhead_s`` is their median). The probes are not the
+   replay's requests: the replay's queueing, batching and placement are predicted, not fitted.
 3. Simulated: the same requests (arrival, function, prompt and generated token counts as the
    live run tokenised and generated them), the same ranks, pool pages, max batch, spill threshold
    and placement config, the production policies (``placement.plan``, ``routing.choose_worker``)
@@ -50,6 +54,7 @@ from benchmarks.replay import (
     replay_system,
     scaled_trace,
     stream_completion,
+    warm_up,
 )
 from benchmarks.replay_systems import FunctionSpec, ReplaySetup, System, make_system
 from benchmarks.trace_args import add_function_args, add_scaling_args, add_slice_args
@@ -81,7 +86,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shape", default="tiny")
     p.add_argument("--pool-fraction", type=float, default=0.5)
     p.add_argument("--probes", type=int, default=3, help="probe rounds (each sends one request per function)")
-    p.add_argument("--probe-prompt", type=int, default=16)
     p.add_argument("--probe-output", type=int, default=8)
     p.add_argument("--bound", type=float, default=0.25, help="allowed relative error on TTFT p50 and throughput")
     p.add_argument("--measured", type=Path, default=None, help="reuse the live part of an earlier --out JSON")
@@ -91,29 +95,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # --- live --------------------------------------------------------------------------------------
-async def probe(system: System, functions: list[FunctionSpec], args: argparse.Namespace) -> list[dict[str, Any]]:
+async def probe(
+    system: System, functions: list[FunctionSpec], prompts: list[int], rounds: range, args: argparse.Namespace
+) -> list[dict[str, Any]]:
     """One request at a time, each function in turn: the serving path's latency with no queueing.
 
     A seeded random pause (up to one pull window) before each probe: back-to-back probes would
     meet every worker's pull window at the same point each time, and the mean wait would not be
-    half a window."""
+    half a window. Each prompt's length is drawn from the replay's (``prompts``): on a loaded
+    machine the engine's prefill slows as much as the serving path does, and short probes alone
+    calibrated none of that."""
     out = []
-    rng = random.Random(args.seed)
+    rng = random.Random(args.seed + rounds.start)
     headers = {"Authorization": f"Bearer {system.api_key}"}
     async with httpx.AsyncClient(base_url=system.url, headers=headers, timeout=120) as client:
-        for round_ in range(args.probes):
+        for round_ in rounds:
             for i, fn in enumerate(functions):
                 await asyncio.sleep(rng.uniform(0.0, FETCH_TIMEOUT_S))
-                rec = RequestRecord(10_000 + i, i, 0.0, args.probe_prompt, args.probe_output)
+                length = rng.choice(prompts)
+                rec = RequestRecord(10_000 + i, i, 0.0, length, args.probe_output)
                 rec.sent = time.perf_counter()
-                prompt = trace.synthetic_prompt(args.probe_prompt, 1_000_000 + 100 * round_ + i)
+                prompt = trace.synthetic_prompt(length, 1_000_000 + 100 * round_ + i)
                 await stream_completion(client, fn.name, prompt, rec)
                 out.append(rec.as_json() | {"rank": fn.rank, "gaps_s": rec.gaps})
     return out
 
 
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
-    """The replay's lorafaas run with the scheduler, then the probes, on one stack."""
+    """The replay's lorafaas run with the scheduler, between two halves of the probes, on one stack."""
     scale, requests, ranks = scaled_trace(args)
     args.workdir.mkdir(parents=True, exist_ok=True)
     backbone, adapter_dirs = await asyncio.to_thread(build_models, args.workdir, args.shape, ranks)
@@ -125,9 +134,14 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         system = make_system("lorafaas", base, setup, args.workdir)
         try:
             await system.start()
+            await warm_up(system, functions, 1, args.seed)
+            before = args.probes // 2
+            prompts = [r.prompt_tokens for r in requests]
+            probes = await probe(system, functions, prompts, range(before), args)
+            await asyncio.sleep(1.5)  # as replay.py: the control plane applies the warm-up's reports
             records, _, _ = await replay_system(system, requests, functions, args.seed)
             await asyncio.sleep(1.0)
-            probes = await probe(system, functions, args)
+            probes += await probe(system, functions, prompts, range(before, args.probes), args)
         finally:
             await system.stop()
     return {
@@ -177,10 +191,10 @@ def overhead_terms(profile: Profile, live: dict[str, Any]) -> dict[str, Any]:
         "request_delays_s": sorted(delays),
         "request_overhead_s": statistics.median(delays),
         "sources": {
-            "request_overhead_s": f"median of request_delays_s: {len(ok)} probe requests (one at a time, after "
-            "the replay, same stack, each after a random pause) of client TTFT - the profile's prefill time - "
-            "step_overhead_s: gateway, NATS, the worker's pull and HTTP streaming; the simulation draws each "
-            "request's delay from all of them (seeded)",
+            "request_overhead_s": f"median of request_delays_s: {len(ok)} probe requests (one at a time, half "
+            "before and half after the replay, same stack, each after a random pause) of client TTFT - the "
+            "profile's prefill time - step_overhead_s: gateway, NATS, the worker's pull and HTTP streaming; the "
+            "simulation draws each request's delay from all of them (seeded)",
             "step_overhead_s": f"median over {len(gaps)} probe token gaps of (gap - the profile's decode step of "
             "one row): the worker's per-step thread hop and token publishing",
         },
