@@ -32,6 +32,7 @@ from gateway.schemas import CallbackAttempt, CallbackStatus, InvocationStatus, I
 from gateway.tokens import TokenCounter
 from lorafaas import wire
 from lorafaas.errors import InvocationTimeout, LorafaasError, NotFound, ServiceUnavailable, error_for_code
+from lorafaas.scopes import INVOKE
 from lorafaas.settings import Settings
 
 SERVED_TTL_S = 2.0
@@ -97,7 +98,7 @@ class InvocationService:
         hashed_body: dict | None = None,
     ) -> Accepted:
         """Check and record the invocation; it is committed before anything is published."""
-        principal.require("invoke")
+        principal.require(INVOKE)
         if req.callback_url is not None:
             self.egress.check_url(req.callback_url)
         self.dispatcher.require_connected()  # fail fast: do not record what cannot be queued
@@ -296,7 +297,7 @@ class InvocationService:
     # --- status and cancel -----------------------------------------------------------------
     async def status(self, principal: Principal, invocation_id: str) -> InvocationStatus:
         """The invocation's state and result: for keys that may invoke (the result is the invoker's data)."""
-        principal.require("invoke")
+        principal.require(INVOKE)
         async with self.sessions() as session:
             row = await invocations.get_for_tenant(session, principal.tenant_id, invocation_id)
         ttl = self.settings.limits.result_ttl_s
@@ -314,7 +315,7 @@ class InvocationService:
         live and aborts (it settles CANCELLED with the tokens so far); a worker that pulls it
         later sees the marker and skips it. A still-queued invocation is settled here at once.
         """
-        principal.require("invoke")
+        principal.require(INVOKE)
         self.dispatcher.require_connected()
         async with self.sessions.begin() as session:
             row = await invocations.request_cancel(session, principal.tenant_id, invocation_id)
@@ -335,7 +336,7 @@ class InvocationService:
 
     async def callback_secret(self, principal: Principal) -> str:
         """The secret that signs this tenant's callbacks: for keys that may invoke (and so ask for callbacks)."""
-        principal.require("invoke")
+        principal.require(INVOKE)
         async with self.sessions.begin() as session:
             return await keys.ensure_callback_secret(session, principal.tenant_id)
 

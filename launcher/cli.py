@@ -1,5 +1,5 @@
 """The ``lorafaas`` command: run each service, administer the platform, bring up a dev stack,
-and the tenant's commands (``functions``, ``invoke``, ``jobs``, ``usage``, ``bills``: launcher.tenant_cli).
+and the tenant's commands (``functions``, ``invoke``, ``jobs``, ``usage``, ``bills``, ``keys``: launcher.tenant_cli).
 
 Exit codes: 0 success, 1 a failed operation (message on stderr), 2 bad usage (argparse); the
 tenant commands add 3-7 (see launcher.tenant_cli).
@@ -17,6 +17,7 @@ from pathlib import Path
 from launcher import tenant_cli
 from lorafaas.errors import LorafaasError
 from lorafaas.heap import freeze_startup_heap
+from lorafaas.scopes import ALL_SCOPES
 from lorafaas.settings import Settings
 
 
@@ -61,7 +62,6 @@ def _tenant_create(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def _key_create(settings: Settings, args: argparse.Namespace) -> None:
-    from controlplane.services.keys import ALL_SCOPES
     from launcher.platform import create_api_key
 
     key_id, secret = asyncio.run(
@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--scope",
         action="append",
-        choices=["invoke", "read-usage", "manage-functions"],
+        choices=ALL_SCOPES,
         help="repeat for several (default: all)",
     )
     p.add_argument("--expires-in-days", type=float, default=None)

@@ -19,6 +19,7 @@ from controlplane.services import catalog, functions, invocations, keys, ledger
 from lorafaas.artifacts import ArtifactStore
 from lorafaas.errors import NotFound
 from lorafaas.names import backbone_prefix
+from lorafaas.scopes import ALL_SCOPES
 from lorafaas.settings import Settings
 from lorafaas.wire import AdapterRef
 
@@ -79,7 +80,7 @@ async def create_tenant_with_key(
 
 
 async def create_api_key(
-    settings: Settings, tenant_id: str, scopes: tuple[str, ...] = keys.ALL_SCOPES, expires_in_days: float | None = None
+    settings: Settings, tenant_id: str, scopes: tuple[str, ...] = ALL_SCOPES, expires_in_days: float | None = None
 ) -> tuple[str, str]:
     """A new API key for an existing tenant; returns (key id, secret). The secret is shown once."""
     expires = datetime.now(UTC) + timedelta(days=expires_in_days) if expires_in_days else None

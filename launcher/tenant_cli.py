@@ -1,8 +1,8 @@
-"""The tenant's commands of ``lorafaas``: functions, invoke, jobs, usage, bills.
+"""The tenant's commands of ``lorafaas``: functions, invoke, jobs, usage, bills, keys.
 
 They speak HTTP to the public APIs only (httpx): the gateway (``LORAFAAS_URL`` or ``--url``)
 for invocations and jobs, the control plane (``LORAFAAS_CONTROLPLANE_URL`` or
-``--controlplane-url``) for functions, usage and bills; the key is ``LORAFAAS_API_KEY`` or
+``--controlplane-url``) for functions, usage, bills and keys; the key is ``LORAFAAS_API_KEY`` or
 ``--api-key``. ``--json`` prints the API's JSON for scripts. Errors go to stderr.
 
 Exit codes: 0 success; 1 the operation failed (an invocation failed, a server error);
@@ -32,6 +32,7 @@ import httpx
 from lorafaas import wire
 from lorafaas.artifacts import adapter_files
 from lorafaas.errors import InvalidArtifact
+from lorafaas.scopes import ALL_SCOPES
 
 OK, FAILED, USAGE, AUTH, NOT_FOUND, INVALID, LIMITED, UNREACHABLE = 0, 1, 2, 3, 4, 5, 6, 7
 EXIT_OF_STATUS = {
@@ -421,6 +422,42 @@ def bills_show(api: Api, args: argparse.Namespace) -> None:
     emit(args, b, text)
 
 
+# --- API keys ---------------------------------------------------------------------------
+def keys_list(api: Api, args: argparse.Namespace) -> None:
+    page = api.call(api.cp, "GET", "/v1/keys").json()
+
+    def state(k: dict) -> str:
+        if k["revoked_at"]:
+            return "revoked"
+        return f"expires {k['expires_at']}" if k["expires_at"] else "active"
+
+    def text(d: dict) -> str:
+        lines = [f"{'id':36} {'name':16} {'prefix':10} {'scopes':40} state"]
+        lines += [
+            f"{k['id']:36} {k['name']:16} {k['prefix']:10} {','.join(k['scopes']):40} {state(k)}" for k in d["data"]
+        ]
+        return "\n".join(lines)
+
+    emit(args, page, text)
+
+
+def keys_create(api: Api, args: argparse.Namespace) -> None:
+    body: dict[str, Any] = {"name": args.name}
+    if args.scope:
+        body["scopes"] = args.scope
+    if args.expires_in_days is not None:
+        if args.expires_in_days <= 0:
+            raise CliError("--expires-in-days: a positive number of days", USAGE)
+        body["expires_in_s"] = args.expires_in_days * 86400.0
+    key = api.call(api.cp, "POST", "/v1/keys", json=body).json()
+    emit(args, key, lambda k: f"key_id={k['id']}\napi_key={k['secret']}\n(the key is shown only once)")
+
+
+def keys_revoke(api: Api, args: argparse.Namespace) -> None:
+    key = api.call(api.cp, "DELETE", f"/v1/keys/{args.id}").json()
+    emit(args, key, lambda k: f"revoked {k['id']} ({k['prefix']}...)")
+
+
 # --- the parser -------------------------------------------------------------------------
 def _common() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
@@ -484,6 +521,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = leaf(sub, "usage", usage, "your usage per function, hour or day")
     p.add_argument("--by", choices=["function", "hour", "day"], default="function")
     p.add_argument("--since", help="24h, 7d, 2026-11-01 or an ISO time (default: the start of this month)")
+
+    keys = sub.add_parser("keys", help="your API keys: list, create, revoke").add_subparsers(dest="keys", required=True)
+    leaf(keys, "list", keys_list, "your keys (never their secrets)")
+    p = leaf(keys, "create", keys_create, "another key; its secret is printed once")
+    p.add_argument("--name", default="", help="a label for the key")
+    p.add_argument(
+        "--scope", action="append", choices=ALL_SCOPES, help="repeat for several (default: the scopes of your key)"
+    )
+    p.add_argument("--expires-in-days", type=float, help="default: never")
+    p = leaf(keys, "revoke", keys_revoke, "revoke a key at once (the one you use too)")
+    p.add_argument("id")
 
     bills = sub.add_parser("bills", help="your bills").add_subparsers(dest="bills", required=True)
     p = leaf(bills, "show", bills_show, "the bill of a month")

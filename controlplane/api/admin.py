@@ -5,7 +5,7 @@ Every route needs ``Authorization: Bearer <admin token>``. Handlers stay thin ov
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 from fastapi import APIRouter, Depends, Query, Request
 
@@ -90,11 +90,8 @@ async def set_quotas(tenant_id: str, body: QuotaBody, rt: RuntimeDep) -> TenantO
 @router.post("/tenants/{tenant_id}/keys", status_code=201, response_model=KeyCreated)
 async def create_key(tenant_id: str, body: KeyCreate, rt: RuntimeDep) -> KeyCreated:
     """The secret is in this answer only; the platform keeps its SHA-256 and a visible prefix."""
-    expires = body.expires_at or (
-        datetime.now(UTC) + timedelta(seconds=body.expires_in_s) if body.expires_in_s else None
-    )
     async with rt.transaction() as session:
-        key, secret = await keys.create_api_key(session, tenant_id, body.name, tuple(body.scopes), expires)
+        key, secret = await keys.create_api_key(session, tenant_id, body.name, tuple(body.scopes), body.expiry())
     return KeyCreated(**KeyOut.of(key).model_dump(), secret=secret)
 
 

@@ -3,8 +3,8 @@ with an exact decimal-dollar string beside it for people."""
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Annotated, Generic, Literal, TypeVar, get_args
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Generic, Literal, TypeVar
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
@@ -12,9 +12,9 @@ from controlplane.db.models import AdapterArtifact, ApiKey, Backbone, Invocation
 from controlplane.services import ledger
 from controlplane.services.functions import ServedFunction
 from lorafaas.http_errors import check_text
+from lorafaas.scopes import ALL_SCOPES, Scope
 
 T = TypeVar("T")
-Scope = Literal["invoke", "read-usage", "manage-functions"]
 
 # Bounds of every number a client may send: Postgres integer and bigint columns, and sums that
 # must stay inside bigint (price x tokens <= 10^12 x 2^20 < 2^63). Booleans are not numbers here.
@@ -79,7 +79,7 @@ class TenantOut(BaseModel):
 
 class KeyCreate(Body):
     name: Text = Field(default="", max_length=128)
-    scopes: list[Scope] = Field(default_factory=lambda: list(get_args(Scope)), min_length=1)
+    scopes: list[Scope] = Field(default_factory=lambda: list(ALL_SCOPES), min_length=1)
     expires_at: AwareDatetime | None = Field(
         default=None, description="With a time zone, e.g. 2027-01-01T00:00:00Z; before the year 3000"
     )
@@ -93,6 +93,12 @@ class KeyCreate(Body):
         if value is not None and not 0 <= value.timestamp() <= MAX_UNIX_S:
             raise ValueError("must be between 1970 and the year 3000")
         return value
+
+    def expiry(self) -> datetime | None:
+        """When the key stops working: ``expires_at``, else ``expires_in_s`` from now, else never."""
+        if self.expires_at or not self.expires_in_s:
+            return self.expires_at
+        return datetime.now(UTC) + timedelta(seconds=self.expires_in_s)
 
 
 class KeyOut(BaseModel):

@@ -22,6 +22,9 @@ from controlplane.api.schemas import (
     FunctionOut,
     InvocationList,
     InvocationOut,
+    KeyCreate,
+    KeyCreated,
+    KeyOut,
     Page,
     RollbackBody,
     UsageBucket,
@@ -32,13 +35,13 @@ from controlplane.api.schemas import (
     usd,
 )
 from controlplane.api.upload_limit import UploadRoute
-from controlplane.services import catalog, functions, invocations, ledger
+from controlplane.services import catalog, functions, invocations, keys, ledger
 from controlplane.services.uploads import AdapterSource, staged
 from lorafaas.http_errors import error_responses
+from lorafaas.scopes import MANAGE, READ_USAGE
 
 router = APIRouter(prefix="/v1", tags=["tenant"], responses=error_responses(400, 401, 403, 404, 503))
 
-MANAGE, READ_USAGE = "manage-functions", "read-usage"
 Version = Annotated[int, Path(ge=1, le=INT32_MAX)]
 
 
@@ -167,6 +170,34 @@ async def bill(period: str, principal: PrincipalDep, session: ReadSessionDep) ->
     """The bill of a calendar month (UTC), ``YYYY-MM``: a line per function and the exact total."""
     principal.require(READ_USAGE)
     return BillOut.of(await ledger.monthly_bill(session, principal.tenant_id, *ledger.month_of(period)))
+
+
+# --- API keys ---------------------------------------------------------------------------
+@router.get("/keys", response_model=Page[KeyOut])
+async def list_keys(principal: PrincipalDep, session: ReadSessionDep) -> Page[KeyOut]:
+    """The tenant's keys (names, prefixes, scopes, expiry, revocation), never their secrets."""
+    return Page(data=[KeyOut.of(k) for k in await keys.list_api_keys(session, principal.tenant_id)])
+
+
+@router.post("/keys", status_code=201, response_model=KeyCreated)
+async def create_key(body: KeyCreate, principal: PrincipalDep, rt: RuntimeDep) -> KeyCreated:
+    """Another key of this tenant, with at most the calling key's scopes (by default exactly those).
+    The secret is in this answer only."""
+    principal.require(MANAGE)
+    scopes = tuple(body.scopes) if "scopes" in body.model_fields_set else tuple(sorted(principal.scopes))
+    async with rt.transaction() as session:
+        key, secret = await keys.create_own_api_key(session, principal, body.name, scopes, body.expiry())
+    return KeyCreated(**KeyOut.of(key).model_dump(), secret=secret)
+
+
+@router.delete("/keys/{key_id}", response_model=KeyOut)
+async def revoke_key(key_id: str, principal: PrincipalDep, rt: RuntimeDep) -> KeyOut:
+    """Revoke one of the tenant's keys (the calling one too); the gateways drop their cached copy at once."""
+    principal.require(MANAGE)
+    async with rt.transaction() as session:
+        key = await keys.revoke_api_key(session, principal.tenant_id, key_id)
+    await rt.tenant_changed(principal.tenant_id)
+    return KeyOut.of(key)
 
 
 def _ts(value: int | None) -> datetime | None:

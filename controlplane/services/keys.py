@@ -13,9 +13,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from controlplane.db.models import ApiKey, Tenant, TenantStatus
 from lorafaas.errors import Conflict, Forbidden, InvalidInput, NotFound, Unauthenticated
+from lorafaas.scopes import ALL_SCOPES
 
 KEY_PREFIX = "lf_"
-ALL_SCOPES = ("invoke", "read-usage", "manage-functions")
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,16 @@ async def create_api_key(
     session.add(key)
     await session.flush()
     return key, secret
+
+
+async def create_own_api_key(
+    session: AsyncSession, maker: Principal, name: str, scopes: tuple[str, ...], expires_at: datetime | None
+) -> tuple[ApiKey, str]:
+    """A key the tenant makes with one of its own keys: never with a scope the maker lacks."""
+    beyond = set(scopes) - maker.scopes
+    if beyond:
+        raise Forbidden(f"the key making this one lacks {sorted(beyond)}; a new key cannot have more scopes")
+    return await create_api_key(session, maker.tenant_id, name, scopes, expires_at)
 
 
 async def revoke_api_key(session: AsyncSession, tenant_id: str, key_id: str) -> ApiKey:

@@ -154,3 +154,26 @@ def test_errors_name_the_problem_and_pick_the_exit_code(
     assert code == tenant_cli.AUTH and "401" in err
     code, out, err = cli("invoke", "beta-c32", "hi", "--max-tokens", "100000")
     assert code == tenant_cli.INVALID and out == "" and "max_tokens" in err
+
+
+def test_keys_are_made_listed_and_revoked_from_the_cli(platform: Platform, capsys: pytest.CaptureFixture[str]) -> None:
+    _, key = asyncio.run(create_tenant_with_key(platform.settings, f"cli-keys-{uuid.uuid4().hex[:6]}"))
+    cli = Cli(platform, key, capsys)
+    made = cli.json("keys", "create", "--name", "dashboards", "--scope", "read-usage", "--expires-in-days", "1")
+    assert made["scopes"] == ["read-usage"] and made["secret"].startswith(made["prefix"]) and made["expires_at"]
+    code, out, _ = cli("keys", "list")
+    assert code == 0 and made["id"] in out and "dashboards" in out and made["secret"] not in out
+    assert [k["id"] for k in cli.json("keys", "list")["data"]][-1] == made["id"]
+
+    reader = Cli(platform, made["secret"], capsys)
+    assert reader("bills", "show")[0] == tenant_cli.OK
+    code, out, err = reader("keys", "create")
+    assert code == tenant_cli.AUTH and out == "" and "manage-functions" in err
+    code, _, err = cli("keys", "create", "--expires-in-days", "0")
+    assert code == tenant_cli.USAGE and "expires-in-days" in err
+
+    code, out, _ = cli("keys", "revoke", made["id"])
+    assert code == tenant_cli.OK and f"revoked {made['id']}" in out
+    code, _, err = reader("bills", "show")
+    assert code == tenant_cli.AUTH and "revoked" in err
+    assert cli("keys", "revoke", "no-such-key")[0] == tenant_cli.NOT_FOUND

@@ -54,6 +54,51 @@ async def test_key_lifecycle_over_http(cp_app: FastAPI, admin_client) -> None:
         assert (await client.get("/v1/functions")).status_code == 200
 
 
+async def test_a_tenant_manages_its_own_keys(cp_app: FastAPI, admin_client) -> None:
+    """/v1/keys: a tenant makes, lists and revokes its keys with one of its own, never beyond that key's
+    scopes, and never another tenant's."""
+    _, secret = await new_tenant(admin_client, "own-keys")
+    _, other_secret = await new_tenant(admin_client, "own-keys-other")
+    period = f"{datetime.now(UTC):%Y-%m}"
+    async with tenant_client(cp_app, secret) as client, tenant_client(cp_app, other_secret) as other:
+        [maker] = (await client.get("/v1/keys")).json()["data"]
+        r = await client.post("/v1/keys", json={"name": "dashboards", "scopes": ["read-usage"], "expires_in_s": 3600})
+        assert r.status_code == 201, r.text
+        reader = r.json()
+        assert reader["scopes"] == ["read-usage"] and reader["secret"].startswith(reader["prefix"])
+        assert reader["expires_at"] is not None and reader["tenant_id"] == maker["tenant_id"]
+        listed = (await client.get("/v1/keys")).json()["data"]
+        assert [k["id"] for k in listed] == [maker["id"], reader["id"]] and all("secret" not in k for k in listed)
+        # Another tenant neither sees the key nor revokes it: not found, as if it did not exist.
+        assert reader["id"] not in {k["id"] for k in (await other.get("/v1/keys")).json()["data"]}
+        r = await other.delete(f"/v1/keys/{reader['id']}")
+        assert r.status_code == 404 and reader["id"] in r.json()["error"]["message"]
+
+        async with tenant_client(cp_app, reader["secret"]) as as_reader:
+            assert (await as_reader.get(f"/v1/bills/{period}")).status_code == 200
+            r = await as_reader.post("/v1/keys", json={"scopes": ["read-usage"]})
+            assert r.status_code == 403 and "manage-functions" in r.json()["error"]["message"]
+            assert (await as_reader.delete(f"/v1/keys/{maker['id']}")).status_code == 403
+
+        r = await client.post("/v1/keys", json={"scopes": ["manage-functions", "read-usage"]})
+        manager = r.json()
+        async with tenant_client(cp_app, manager["secret"]) as as_manager:
+            r = await as_manager.post("/v1/keys", json={"scopes": ["invoke"]})
+            assert r.status_code == 403 and "invoke" in r.json()["error"]["message"]
+            r = await as_manager.post("/v1/keys", json={"name": "same-as-me"})  # default: the maker's scopes
+            assert r.status_code == 201 and sorted(r.json()["scopes"]) == ["manage-functions", "read-usage"]
+        r = await client.post("/v1/keys", json={"scopes": ["everything"]})
+        assert r.status_code == 400 and "scopes" in r.json()["error"]["message"]
+        r = await client.post("/v1/keys", json={"expires_in_s": -5})
+        assert r.status_code == 400 and "expires_in_s" in r.json()["error"]["message"]
+
+        r = await client.delete(f"/v1/keys/{reader['id']}")
+        assert r.status_code == 200 and r.json()["revoked_at"] is not None
+        async with tenant_client(cp_app, reader["secret"]) as as_reader:
+            assert (await as_reader.get(f"/v1/bills/{period}")).status_code == 401
+        assert (await client.get("/v1/keys")).status_code == 200  # the maker still works
+
+
 async def _invoke_and_settle(
     settings: Settings, tenant_id: str, name: str, tokens: tuple[int, int], device_ns: int = 0
 ) -> str:
