@@ -17,8 +17,13 @@ from lorafaas.settings import Settings
 
 @pytest_asyncio.fixture(loop_scope="session", scope="session")
 async def cp_app(settings: Settings, backbone_dir: Path) -> AsyncIterator[FastAPI]:
+    """Without a scheduler: the session's platform runs a control plane on the same NATS prefix, and
+    two placement loops would command its worker (this one from a view that goes stale while the
+    session's event loop stands still between async tests)."""
     await publish_backbone(settings, "tiny", backbone_dir)
-    app = create_app(settings)
+    app = create_app(
+        settings.model_copy(update={"scheduler": settings.scheduler.model_copy(update={"enabled": False})})
+    )
     async with app.router.lifespan_context(app):
         yield app
 

@@ -212,7 +212,10 @@ async def test_heartbeat_registers_a_worker_and_silence_marks_it_dead(
 ) -> None:
     registry = cp_app.state.registry
     nc = await nats.connect(settings.nats.url)
-    beat = wire.WorkerHeartbeat(worker_id="registry-w1", backbone="tiny", device="cpu", started_at=datetime.now(UTC))
+    # A backbone no worker serves: the session platform's scheduler must not take this heartbeat for a worker to use.
+    beat = wire.WorkerHeartbeat(
+        worker_id="registry-w1", backbone="registry-only", device="cpu", started_at=datetime.now(UTC)
+    )
     try:
         await nc.publish(Names(settings.nats.prefix).heartbeat_subject, beat.encode())
         await nc.flush()
@@ -223,7 +226,7 @@ async def test_heartbeat_registers_a_worker_and_silence_marks_it_dead(
             if worker:
                 break
             await asyncio.sleep(0.1)
-        assert worker is not None and worker["status"] == "alive" and worker["backbone"] == "tiny"
+        assert worker is not None and worker["status"] == "alive" and worker["backbone"] == "registry-only"
     finally:
         await nc.close()
     registry.dead_after_s = 0.3
