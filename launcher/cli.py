@@ -58,7 +58,7 @@ def _tenant_create(settings: Settings, args: argparse.Namespace) -> None:
     from launcher.platform import create_tenant_with_key
 
     tenant_id, secret = asyncio.run(create_tenant_with_key(settings, args.name, args.expires_in_days))
-    print(f"tenant_id={tenant_id}\napi_key={secret}\n(the key is shown only once)")
+    print(tenant_cli.secret_text(f"tenant_id={tenant_id}", secret))
 
 
 def _key_create(settings: Settings, args: argparse.Namespace) -> None:
@@ -67,7 +67,7 @@ def _key_create(settings: Settings, args: argparse.Namespace) -> None:
     key_id, secret = asyncio.run(
         create_api_key(settings, args.tenant_id, tuple(args.scope or ALL_SCOPES), args.expires_in_days)
     )
-    print(f"key_id={key_id}\napi_key={secret}\n(the key is shown only once)")
+    print(tenant_cli.secret_text(f"key_id={key_id}", secret))
 
 
 def _backbone_register(settings: Settings, args: argparse.Namespace) -> None:

@@ -106,6 +106,11 @@ def usd(picousd: int) -> str:
     return str(Decimal(picousd) / PICOUSD_PER_USD)
 
 
+def secret_text(who: str, secret: str) -> str:
+    """A new key as the CLI prints it: ``who`` is ``key_id=...`` or ``tenant_id=...``."""
+    return f"{who}\napi_key={secret}\n(the key is shown only once)"
+
+
 def emit(args: argparse.Namespace, data: Any, text: Callable[[Any], str]) -> None:
     print(json.dumps(data, indent=2) if args.json else text(data))
 
@@ -450,7 +455,7 @@ def keys_create(api: Api, args: argparse.Namespace) -> None:
             raise CliError("--expires-in-days: a positive number of days", USAGE)
         body["expires_in_s"] = args.expires_in_days * 86400.0
     key = api.call(api.cp, "POST", "/v1/keys", json=body).json()
-    emit(args, key, lambda k: f"key_id={k['id']}\napi_key={k['secret']}\n(the key is shown only once)")
+    emit(args, key, lambda k: secret_text(f"key_id={k['id']}", k["secret"]))
 
 
 def keys_revoke(api: Api, args: argparse.Namespace) -> None:
